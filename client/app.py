@@ -1,0 +1,149 @@
+"""The stamen ClientApp: local training and evaluation on a site's private data.
+
+Each instruction carries the global model (``arrays``) and the run configuration plus
+the round (``config``); the reply follows :mod:`common.reply`. Anything a site must keep
+between rounds or across restarts goes to its state store (:mod:`common.state`), never
+to process memory alone. The per-process caches here (data, model object) only save
+work; losing them loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from client.data import SiteData, load_site_data
+from client.train import pick_device, round_seed, train_local
+from common.config import KEY_BY_NAME, StamenConfig
+from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
+from common.errors import ConfigError, StamenError
+from common.identity import site_id_from_node_config
+from common.models import build_model, evaluate_model
+from common.reply import Status, make_reply
+from common.runrecord import derive_seeds
+from common.state import SiteStore
+
+log = logging.getLogger("stamen.client")
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """One model object per architecture and process; weights are loaded every call."""
+    return build_model(name, input_shape, num_classes)
+
+
+class Instruction:
+    """The parsed content of a server message."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        record: ConfigRecord | None = msg.content.config_records.get("config")
+        if record is None:
+            raise ConfigError("instruction has no 'config' record")
+        raw: dict[str, Any] = dict(record)
+        self.server_round = int(raw.pop("server-round", 0))
+        self.model_name = str(raw.pop("model-name", "auto"))
+        self.input_shape = tuple(int(v) for v in raw.pop("model-input-shape", []))
+        self.num_classes = int(raw.pop("model-num-classes", 0))
+        self.cfg = StamenConfig.from_mapping({k: v for k, v in raw.items() if k in KEY_BY_NAME})
+        self.site_id = site_id_from_node_config(context.node_config)
+        self.node_config = context.node_config
+        self.arrays = (
+            record_to_arrays(msg.content.array_records["arrays"]) if "arrays" in msg.content.array_records else None
+        )
+
+    def data(self) -> SiteData:
+        return load_site_data(self.node_config, self.cfg)
+
+    def store(self) -> SiteStore:
+        """This site's state store: node config's ``state-dir``, else the run's (simulation)."""
+        root = self.node_config.get("state-dir") or self.cfg["state-dir"]
+        if not root:
+            raise ConfigError("no state directory: set state-dir in this node's config")
+        return SiteStore(str(root), self.site_id)
+
+    def model(self) -> torch.nn.Module:
+        if self.arrays is None:
+            raise ConfigError("instruction carries no model arrays")
+        model = _model(self.model_name, self.input_shape, self.num_classes)
+        load_arrays(model, self.arrays)
+        return model
+
+
+def _site_id_or_unknown(context: Context) -> str:
+    try:
+        return site_id_from_node_config(context.node_config)
+    except StamenError:
+        return "unknown"
+
+
+def _error_reply(msg: Message, context: Context, exc: StamenError) -> Message:
+    log.error("site %s: %s", _site_id_or_unknown(context), exc)
+    return make_reply(msg, _site_id_or_unknown(context), Status.ERROR, reason=str(exc))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Identity handshake: who this site is and how much data it holds."""
+    try:
+        site_id = site_id_from_node_config(context.node_config)
+        ins = Instruction(msg, context)
+        return make_reply(msg, site_id, Status.OK, metrics={"num-examples": ins.data().num_train})
+    except StamenError as exc:
+        return _error_reply(msg, context, exc)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local SGD from the global model; reply with the local model."""
+    try:
+        ins = Instruction(msg, context)
+        data = ins.data()
+        model = ins.model()
+        seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
+        result = train_local(
+            model,
+            data.x_train,
+            data.y_train,
+            ins.cfg,
+            server_round=ins.server_round,
+            seed=seed,
+            device=pick_device(str(ins.cfg["device"])),
+        )
+        store = ins.store()
+        record = store.read_json("participation", default={"rounds": 0, "examples": 0, "last_round": 0})
+        record.update(
+            rounds=record["rounds"] + 1,
+            examples=record["examples"] + result.num_examples * int(ins.cfg["local-epochs"]),
+            last_round=ins.server_round,
+        )
+        store.write_json("participation", record)
+        return make_reply(
+            msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=result.metrics()
+        )
+    except StamenError as exc:
+        return _error_reply(msg, context, exc)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the global model on this site's held-out data."""
+    try:
+        ins = Instruction(msg, context)
+        data = ins.data()
+        if data.num_holdout == 0:
+            raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")
+        loss, acc = evaluate_model(ins.model(), data.x_holdout, data.y_holdout, pick_device(str(ins.cfg["device"])))
+        return make_reply(
+            msg,
+            ins.site_id,
+            Status.OK,
+            metrics={"num-examples": data.num_holdout, "eval-loss": loss, "eval-accuracy": acc},
+        )
+    except StamenError as exc:
+        return _error_reply(msg, context, exc)

@@ -1,0 +1,107 @@
+"""Where a site's private data comes from.
+
+A real node names its data in node config (``data = "npz:/srv/site/data.npz"``); in
+simulation each site is one partition of the run's dataset, picked by the ``partition-id``
+Flower gives the virtual node. Either way the site holds out a share of its data for
+federated evaluation. Results are cached per process: a simulated client is called every
+round and must not reload or re-partition each time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import StamenConfig
+from common.datasets import load_dataset
+from common.errors import ConfigError
+from common.partition import partition_indices, split_holdout
+from common.runrecord import derive_seeds
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's training and held-out tensors (read-only by convention)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_holdout: torch.Tensor
+    y_holdout: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def num_holdout(self) -> int:
+        return int(self.y_holdout.shape[0])
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.array(x, dtype=np.float32)), torch.from_numpy(np.array(y, dtype=np.int64))
+
+
+@lru_cache(maxsize=4096)
+def _simulated_site(
+    dataset: str,
+    partition_id: int,
+    num_partitions: int,
+    scheme: str,
+    alpha: float,
+    shards: int,
+    min_size: int,
+    holdout: float,
+    seed: int,
+) -> SiteData:
+    data = load_dataset(dataset)
+    parts = partition_indices(
+        data.y_train,
+        num_partitions,
+        scheme,
+        alpha=alpha,
+        shards_per_partition=shards,
+        min_partition_size=min_size,
+        seed=seed,
+    )
+    train_idx, hold_idx = split_holdout(parts[partition_id], holdout, seed + partition_id)
+    x_tr, y_tr = _tensors(data.x_train[train_idx], data.y_train[train_idx])
+    x_ho, y_ho = _tensors(data.x_train[hold_idx], data.y_train[hold_idx])
+    return SiteData(x_tr, y_tr, x_ho, y_ho)
+
+
+@lru_cache(maxsize=4)
+def _node_site(spec: str, holdout: float, seed: int) -> SiteData:
+    data = load_dataset(spec)
+    if data.x_test is not None and data.y_test is not None:
+        x_tr, y_tr = _tensors(data.x_train, data.y_train)
+        x_ho, y_ho = _tensors(data.x_test, data.y_test)
+        return SiteData(x_tr, y_tr, x_ho, y_ho)
+    train_idx, hold_idx = split_holdout(np.arange(len(data.y_train)), holdout, seed)
+    x_tr, y_tr = _tensors(data.x_train[train_idx], data.y_train[train_idx])
+    x_ho, y_ho = _tensors(data.x_train[hold_idx], data.y_train[hold_idx])
+    return SiteData(x_tr, y_tr, x_ho, y_ho)
+
+
+def load_site_data(node_config: Mapping[str, Any], cfg: StamenConfig) -> SiteData:
+    """This site's data: the node's own ``data`` spec, else its simulation partition."""
+    seed = derive_seeds(int(cfg["seed"]))["partition"]
+    if "data" in node_config:
+        return _node_site(str(node_config["data"]), float(cfg["holdout-fraction"]), seed)
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        return _simulated_site(
+            str(cfg["dataset"]),
+            int(node_config["partition-id"]),
+            int(node_config["num-partitions"]),
+            str(cfg["partition"]),
+            float(cfg["alpha"]),
+            int(cfg["shards-per-site"]),
+            int(cfg["min-partition-size"]),
+            float(cfg["holdout-fraction"]),
+            seed,
+        )
+    raise ConfigError('node config names no data: set data = "npz:PATH" or "csv:PATH" for this node')

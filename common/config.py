@@ -1,0 +1,248 @@
+"""The run configuration: every key, its type, default and allowed range, in one table.
+
+Flower passes run config as a flat mapping of hyphenated keys (``[tool.flwr.app.config]``
+in ``pyproject.toml``, ``--run-config`` on ``flwr run``, ``--set`` on ``stamen
+simulate``). Everything a run needs is a key here, because in deployment the ServerApp
+is a process the SuperLink starts and cannot take command-line flags. A test checks that
+``pyproject.toml`` lists exactly these keys with these defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: its type, default, help text and an optional range check."""
+
+    name: str
+    type: type
+    default: Scalar
+    help: str
+    check: Callable[[Any], bool] | None = None
+    expect: str = ""
+
+
+def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(options)
+
+
+def _nonneg(v: float) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+def _pos(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def _unit(v: float) -> bool:
+    return 0 < v <= 1
+
+
+def _unit_open(v: float) -> bool:
+    return 0 <= v < 1
+
+
+KEYS: tuple[Key, ...] = (
+    # --- the federation ------------------------------------------------------------
+    Key("num-server-rounds", int, 20, "rounds to run", lambda v: v >= 1, ">= 1"),
+    Key("fraction-train", float, 1.0, "fraction of sites sampled for training each round", _unit, "in (0, 1]"),
+    Key("min-train-sites", int, 1, "fewest usable replies a round needs to update the model", lambda v: v >= 1, ">= 1"),
+    Key("fraction-evaluate", float, 1.0, "fraction of sites asked for federated evaluation", _unit, "in (0, 1]"),
+    Key(
+        "eval-every",
+        int,
+        1,
+        "federated evaluation every N rounds (0 = only after the last round)",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key("round-timeout", float, 600.0, "seconds the server waits for a round's replies", _pos, "> 0"),
+    Key(
+        "max-empty-rounds",
+        int,
+        3,
+        "consecutive rounds without a usable reply before the run stops",
+        lambda v: v >= 1,
+        ">= 1",
+    ),
+    Key(
+        "seed",
+        int,
+        42,
+        "master seed: model init, sampling, partitioning and client shuffling derive from it",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key("out-dir", str, "", "run directory ('' = runs/<timestamp>)"),
+    Key("state-dir", str, "", "per-site state root in simulation ('' = <out-dir>/sites); real nodes set their own"),
+    # --- data ---------------------------------------------------------------------
+    Key("dataset", str, "mnist5k", "digits | mnist5k | npz:PATH | csv:PATH | hf:NAME"),
+    Key("partition", str, "dirichlet", "how simulation splits the data", *_choice("iid", "dirichlet", "shards")),
+    Key("alpha", float, 0.5, "Dirichlet concentration (small = more label skew)", _pos, "> 0"),
+    Key("shards-per-site", int, 2, "label shards per site with partition=shards", lambda v: v >= 1, ">= 1"),
+    Key("min-partition-size", int, 32, "smallest site a partitioning may produce", lambda v: v >= 1, ">= 1"),
+    Key(
+        "holdout-fraction",
+        float,
+        0.1,
+        "share of each site's data held out for federated evaluation",
+        _unit_open,
+        "in [0, 1)",
+    ),
+    Key("server-eval", bool, True, "evaluate centrally on the dataset's test split when the server has it"),
+    Key("input-shape", str, "", "model input shape, e.g. '1,28,28' ('' = from the server's dataset)"),
+    Key("num-classes", int, 0, "model output classes (0 = from the server's dataset)", lambda v: v >= 0, ">= 0"),
+    # --- model --------------------------------------------------------------------
+    Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn8 | package.module:Class"),
+    # --- local training (client) ------------------------------------------------------
+    Key("optimizer", str, "sgd", "local optimizer", *_choice("sgd", "adamw")),
+    Key("lr", float, 0.05, "peak local learning rate", _pos, "> 0"),
+    Key("momentum", float, 0.9, "local SGD momentum", _unit_open, "in [0, 1)"),
+    Key("nesterov", bool, False, "Nesterov momentum for local SGD"),
+    Key("weight-decay", float, 0.0, "L2 weight decay (decoupled for adamw)", _nonneg, ">= 0"),
+    Key("local-epochs", int, 1, "passes over the site's data per round", lambda v: v >= 1, ">= 1"),
+    Key("batch-size", int, 32, "examples per micro-batch", lambda v: v >= 1, ">= 1"),
+    Key("accum-steps", int, 1, "micro-batches accumulated per optimizer step", lambda v: v >= 1, ">= 1"),
+    Key("clip-norm", float, 0.0, "clip gradients to this global L2 norm (0 = off)", _nonneg, ">= 0"),
+    Key(
+        "lr-schedule",
+        str,
+        "cosine",
+        "LR decay after warmup, over global rounds",
+        *_choice("constant", "cosine", "step"),
+    ),
+    Key("warmup-rounds", float, 1.0, "linear LR warmup length, in rounds", _nonneg, ">= 0"),
+    Key("lr-horizon-rounds", int, 0, "rounds the cosine decays over (0 = num-server-rounds)", lambda v: v >= 0, ">= 0"),
+    Key("lr-min-factor", float, 0.05, "cosine floor as a fraction of lr", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    Key("step-rounds", int, 10, "step schedule: rounds between decays", lambda v: v >= 1, ">= 1"),
+    Key("step-gamma", float, 0.5, "step schedule: decay factor", _unit, "in (0, 1]"),
+    Key(
+        "precision", str, "auto", "auto = bf16 autocast on CUDA, fp32 on CPU", *_choice("auto", "fp32", "bf16", "fp16")
+    ),
+    Key("device", str, "auto", "client device", *_choice("auto", "cpu", "cuda")),
+    # --- server optimizer ---------------------------------------------------------------
+    Key("strategy", str, "fedavgm", "server optimizer", *_choice("fedavg", "fedavgm", "fedadam", "fedyogi")),
+    Key("server-lr", float, 1.0, "server learning rate (eta for fedadam/fedyogi)", _pos, "> 0"),
+    Key("server-momentum", float, 0.9, "server momentum beta for fedavgm", _unit_open, "in [0, 1)"),
+    Key("server-nesterov", bool, False, "Nesterov server momentum"),
+    Key("beta-1", float, 0.9, "fedadam/fedyogi first-moment decay", _unit_open, "in [0, 1)"),
+    Key("beta-2", float, 0.99, "fedadam/fedyogi second-moment decay", _unit_open, "in [0, 1)"),
+    Key("tau", float, 1e-3, "fedadam/fedyogi adaptivity floor", _pos, "> 0"),
+)
+
+KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+
+
+def _coerce(key: Key, value: Any) -> Scalar:
+    """Convert a raw value (TOML scalar or ``--set`` string) to the key's type."""
+    if key.type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"run config '{key.name}' must be true or false, got {value!r}")
+    if key.type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"run config '{key.name}' must be an integer, got {value!r}")
+    if key.type is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"run config '{key.name}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"run config '{key.name}' must be a number, got {value!r}") from None
+    return str(value)
+
+
+@dataclass(frozen=True)
+class StamenConfig:
+    """A validated run configuration; build it with :meth:`from_mapping`."""
+
+    values: Mapping[str, Scalar]
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, strict: bool = True) -> StamenConfig:
+        """Fill defaults, coerce types and check ranges.
+
+        ``strict`` rejects unknown keys (typos in ``--set`` must not pass silently);
+        Flower's own run config may carry keys of other apps, so the ServerApp uses it
+        with the keys it was given by the pyproject, which are all known.
+        """
+        unknown = sorted(set(raw) - set(KEY_BY_NAME))
+        if unknown and strict:
+            raise ConfigError(f"unknown run config key(s): {', '.join(unknown)}")
+        values: dict[str, Scalar] = {}
+        for key in KEYS:
+            value = _coerce(key, raw[key.name]) if key.name in raw else key.default
+            if key.check is not None and not key.check(value):
+                raise ConfigError(f"run config '{key.name}' must be {key.expect}, got {value!r}")
+            values[key.name] = value
+        cfg = cls(values)
+        cfg._check_combinations()
+        return cfg
+
+    def _check_combinations(self) -> None:
+        if self["lr-schedule"] == "cosine" and self.lr_horizon_rounds < 1:
+            raise ConfigError("lr-schedule 'cosine' needs lr-horizon-rounds >= 1 when rounds are unbounded")
+        if self["input-shape"]:
+            self.input_shape  # noqa: B018 - parse now so a bad value fails at start
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def replace(self, **changes: Scalar) -> StamenConfig:
+        """A copy with some keys changed (keys use underscores here)."""
+        raw = dict(self.values)
+        raw.update({k.replace("_", "-"): v for k, v in changes.items()})
+        return StamenConfig.from_mapping(raw)
+
+    @property
+    def lr_horizon_rounds(self) -> int:
+        """Rounds the cosine schedule spans: explicit, else the run's length."""
+        return int(self["lr-horizon-rounds"] or self["num-server-rounds"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """Parsed ``input-shape``, or None when it should come from the dataset."""
+        text = str(self["input-shape"]).strip()
+        if not text:
+            return None
+        try:
+            shape = tuple(int(p) for p in text.split(","))
+        except ValueError:
+            raise ConfigError(f"run config 'input-shape' must be comma-separated integers, got {text!r}") from None
+        if not shape or min(shape) < 1:
+            raise ConfigError(f"run config 'input-shape' must be positive integers, got {text!r}")
+        return shape
+
+    def as_dict(self) -> dict[str, Scalar]:
+        """Plain dict, in table order, for ``config.json`` and messages."""
+        return {k.name: self.values[k.name] for k in KEYS}
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """Split one ``key=value`` from ``--set``; the value is coerced later by its key."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if key not in KEY_BY_NAME:
+        raise ConfigError(f"unknown run config key {key!r} in --set")
+    return key, value.strip()

@@ -1,0 +1,151 @@
+"""The model registry: small models that fit the data's shape, all Opacus-compatible.
+
+Opacus-compatible means: no BatchNorm (GroupNorm where normalisation is needed) and no
+in-place activations, so DP-SGD's per-sample gradients work on every registered model.
+A user model is ``package.module:Class``, constructed as ``Class(input_shape,
+num_classes)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.errors import ConfigError
+
+Builder = Callable[[tuple[int, ...], int], nn.Module]
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression on flattened inputs."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+class MLP(nn.Module):
+    """One hidden layer of 128 units: a sensible default for tabular data."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN28(nn.Module):
+    """Two conv + two dense layers for 28x28 images (MNIST-sized)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        channels = input_shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CNN8(nn.Module):
+    """Two padded conv + two dense layers for 8x8 images (scikit-learn digits)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        channels = input_shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+REGISTRY: dict[str, Builder] = {"logreg": LogReg, "mlp": MLP, "cnn28": CNN28, "cnn8": CNN8}
+
+
+def resolve_model_name(name: str, input_shape: tuple[int, ...]) -> str:
+    """Pick a registry model for ``auto`` from the input shape; pass others through."""
+    if name != "auto":
+        return name
+    if len(input_shape) == 3 and input_shape[1:] == (28, 28):
+        return "cnn28"
+    if len(input_shape) == 3 and input_shape[1:] == (8, 8):
+        return "cnn8"
+    return "mlp"
+
+
+def _user_builder(spec: str) -> Builder:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise ConfigError(f"model {spec!r}: {module_name} has no callable {attr!r}")
+    return builder
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None) -> nn.Module:
+    """Construct a model; with ``seed`` its initial weights are reproducible."""
+    resolved = resolve_model_name(name, input_shape)
+    if ":" in resolved:
+        builder = _user_builder(resolved)
+    elif resolved in REGISTRY:
+        builder = REGISTRY[resolved]
+    else:
+        valid = ", ".join(["auto", *REGISTRY, "package.module:Class"])
+        raise ConfigError(f"unknown model {name!r}; choose one of {valid}")
+    if resolved in ("cnn28", "cnn8") and len(input_shape) != 3:
+        raise ConfigError(f"model {resolved} needs image input (C,H,W), data has shape {input_shape}")
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = builder(tuple(input_shape), num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} did not build a torch.nn.Module")
+    return model
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y)."""
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+        logits = model(xb).float()
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(len(y), 1)
+    return loss_sum / n, correct / n

@@ -1,0 +1,185 @@
+"""The reply schema: what a site sends back, and the check every reply passes first.
+
+A reply's ``RecordDict`` holds three records:
+
+- ``meta`` (ConfigRecord): ``schema`` (this module's version), ``status`` (a
+  :class:`Status`), ``site-id`` and, for refusals and errors, a ``reason``;
+- ``arrays`` (ArrayRecord, train replies with status ``ok`` only): the model, keyed by
+  canonical parameter names (never Opacus's ``_module.`` prefix);
+- ``metrics`` (MetricRecord): exactly the keys listed below for the message kind.
+
+The server screens every reply with :func:`screen_reply` before any Flower aggregation
+code sees it, because Flower's ``FedAvg`` rejects a whole round when one reply's keys
+differ and takes the first reply as the reference. Each rejection has a reason from
+:data:`REJECT_REASONS` (a bounded set, so it can label a metric).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+REPLY_SCHEMA_VERSION = 1
+
+
+class Status(str, Enum):
+    """What a site did with an instruction."""
+
+    OK = "ok"
+    REFUSED_BUDGET = "refused_budget"
+    ERROR = "error"
+
+
+TRAIN_METRICS = frozenset({"num-examples", "train-loss", "grad-norm", "lr", "steps"})
+EVAL_METRICS = frozenset({"num-examples", "eval-loss", "eval-accuracy"})
+QUERY_METRICS = frozenset({"num-examples"})
+METRICS_BY_KIND = {"train": TRAIN_METRICS, "evaluate": EVAL_METRICS, "query": QUERY_METRICS}
+
+REJECT_REASONS = (
+    "message_error",  # Flower delivered an error instead of content (crash, timeout)
+    "schema",  # missing meta, or another reply-schema version
+    "site",  # unknown, mismatched or duplicate site-id
+    "client_error",  # the site reported status 'error'
+    "wrong_keys",  # array names differ from the global model's
+    "wrong_shape",  # an array's shape or dtype differs from the global model's
+    "non_finite",  # NaN or inf in arrays or metrics
+    "bad_metrics",  # missing, extra or out-of-range metric values
+)
+
+
+@dataclass
+class SiteReply:
+    """A reply that passed screening."""
+
+    site_id: str
+    status: Status
+    metrics: dict[str, float] = field(default_factory=dict)
+    content: RecordDict | None = None
+    reason: str = ""
+
+
+class RejectedReply(Exception):
+    """A reply that failed screening; ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str, site_id: str | None = None) -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.site_id = site_id
+
+
+def make_reply(
+    instruction: Message,
+    site_id: str,
+    status: Status,
+    *,
+    arrays: ArrayRecord | None = None,
+    metrics: Mapping[str, float] | None = None,
+    reason: str = "",
+) -> Message:
+    """Build a schema-conforming reply to ``instruction``."""
+    content = RecordDict(
+        {
+            "meta": ConfigRecord(
+                {"schema": REPLY_SCHEMA_VERSION, "status": status.value, "site-id": site_id, "reason": reason}
+            )
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = arrays
+    content["metrics"] = MetricRecord({k: float(v) for k, v in (metrics or {}).items()})
+    return Message(content=content, reply_to=instruction)
+
+
+def _meta(msg: Message) -> tuple[str, Status, str]:
+    if msg.has_error():
+        raise RejectedReply("message_error", f"error reply: {msg.error.reason}")
+    meta = msg.content.config_records.get("meta")
+    if meta is None:
+        raise RejectedReply("schema", "reply has no 'meta' record")
+    if meta.get("schema") != REPLY_SCHEMA_VERSION:
+        raise RejectedReply("schema", f"reply schema {meta.get('schema')!r}, expected {REPLY_SCHEMA_VERSION}")
+    site_id = meta.get("site-id")
+    if not isinstance(site_id, str):
+        raise RejectedReply("schema", "reply has no site-id")
+    try:
+        status = Status(meta.get("status"))
+    except ValueError:
+        raise RejectedReply("schema", f"unknown status {meta.get('status')!r}", site_id) from None
+    return site_id, status, str(meta.get("reason", ""))
+
+
+def _metrics(msg: Message, kind: str, site_id: str) -> dict[str, float]:
+    record = msg.content.metric_records.get("metrics")
+    if record is None:
+        raise RejectedReply("bad_metrics", "no 'metrics' record", site_id)
+    expected = METRICS_BY_KIND[kind]
+    if set(record.keys()) != expected:
+        raise RejectedReply(
+            "bad_metrics", f"metric keys {sorted(record.keys())} != expected {sorted(expected)}", site_id
+        )
+    values: dict[str, float] = {}
+    for key, value in record.items():
+        if not isinstance(value, (int, float)):
+            raise RejectedReply("bad_metrics", f"metric {key!r} is not a number", site_id)
+        if not math.isfinite(value):
+            raise RejectedReply("non_finite", f"metric {key!r} is {value}", site_id)
+        values[key] = float(value)
+    if values["num-examples"] <= 0 or not float(values["num-examples"]).is_integer():
+        raise RejectedReply("bad_metrics", f"num-examples {values['num-examples']} is not a positive integer", site_id)
+    return values
+
+
+def _check_arrays(msg: Message, reference: Mapping[str, np.ndarray], site_id: str) -> None:
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is None:
+        raise RejectedReply("wrong_keys", "no 'arrays' record", site_id)
+    if len(msg.content.array_records) != 1:
+        raise RejectedReply("wrong_keys", "more than one ArrayRecord", site_id)
+    if list(arrays.keys()) != list(reference.keys()):
+        missing = sorted(set(reference) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference))
+        raise RejectedReply("wrong_keys", f"missing {missing[:3]}, unexpected {extra[:3]}", site_id)
+    for key, ref in reference.items():
+        arr = arrays[key].numpy()
+        if arr.shape != ref.shape or arr.dtype != ref.dtype:
+            raise RejectedReply(
+                "wrong_shape", f"{key}: {arr.dtype}{list(arr.shape)} != {ref.dtype}{list(ref.shape)}", site_id
+            )
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise RejectedReply("non_finite", f"{key} has NaN or inf", site_id)
+
+
+def screen_reply(
+    msg: Message,
+    kind: str,
+    *,
+    expected_site: str | None,
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> SiteReply:
+    """Check one reply against the schema; raise :class:`RejectedReply` if it fails.
+
+    ``expected_site`` is the site-id the server addressed (None during the identity
+    handshake); ``reference`` is the global model the update must match (train only).
+    Refusals pass screening: they are counted, not rejected.
+    """
+    site_id, status, reason = _meta(msg)
+    if expected_site is not None and site_id != expected_site:
+        raise RejectedReply("site", f"reply claims site {site_id!r}, sent to {expected_site!r}", site_id)
+    if status is Status.ERROR:
+        raise RejectedReply("client_error", reason or "site reported an error", site_id)
+    if status is Status.REFUSED_BUDGET:
+        return SiteReply(site_id, status, reason=reason)
+    metrics = _metrics(msg, kind, site_id)
+    if kind == "train":
+        if reference is None:
+            raise ValueError("screening a train reply needs the reference model")
+        _check_arrays(msg, reference, site_id)
+    return SiteReply(site_id, status, metrics=metrics, content=msg.content)

@@ -1,0 +1,50 @@
+"""The stamen ServerApp: what the SuperLink (or the simulation engine) runs.
+
+Everything it needs comes from run config, because in deployment this is a process the
+SuperLink starts. ``stamen simulate`` builds the same app with its overrides through
+:func:`make_server_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import KEY_BY_NAME, StamenConfig
+from server.loop import Federation
+
+log = logging.getLogger("stamen.server")
+
+
+def resolve_out_dir(cfg: StamenConfig, run_id: int | None = None) -> Path:
+    """``out-dir``, or a fresh ``runs/<UTC timestamp>[-<run id>]``."""
+    if cfg["out-dir"]:
+        return Path(str(cfg["out-dir"])).expanduser().resolve()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs", f"{stamp}-{run_id}" if run_id else stamp).resolve()
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is Flower's, with ``overrides`` on top."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        logging.basicConfig(level=os.environ.get("STAMEN_LOG_LEVEL", "INFO"))
+        raw = {k: v for k, v in context.run_config.items() if k in KEY_BY_NAME}
+        cfg = StamenConfig.from_mapping({**raw, **(overrides or {})})
+        out_dir = resolve_out_dir(cfg, getattr(grid.run, "run_id", None))
+        log.info("stamen run directory: %s", out_dir)
+        Federation(grid, cfg, out_dir).run()
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,276 @@
+"""The round loop: sample sites, send the model, screen replies, aggregate, step, evaluate.
+
+Each round: the site directory is refreshed (identity handshake with new nodes); stamen's
+own sampler picks sites over sorted site-ids; each picked site gets the global model and
+the run config; replies are screened against the reply schema (:mod:`common.reply`)
+before Flower's weighted averaging sees them; the server optimizer turns the average into
+the next global model; then federated and centralized evaluation, the best model so far,
+and the run directory are updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from common.config import StamenConfig
+from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
+from common.errors import StamenError
+from common.identity import SiteSampler
+from common.models import build_model, resolve_model_name
+from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, screen_reply
+from common.runrecord import build_run_record, derive_seeds, write_run_record
+from server.evaluate import evaluate_centrally, load_server_data
+from server.outputs import RunOutputs
+from server.sites import SiteDirectory
+from server.strategy.factory import make_server_optimizer
+
+log = logging.getLogger("stamen.server")
+
+
+class RunFailed(StamenError):
+    """The federation could not go on (e.g. no usable replies for several rounds)."""
+
+
+@dataclass
+class Screened:
+    """One round's replies after screening."""
+
+    good: list[SiteReply] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    missing: int = 0
+
+
+@dataclass
+class Best:
+    """The best global model so far (the seeds' early stopping, kept for a continual run)."""
+
+    round: int = 0
+    accuracy: float = -math.inf
+    loss: float = math.inf
+    arrays: dict[str, np.ndarray] | None = None
+
+
+def screen_round(
+    replies: list[Message],
+    addressed: dict[int, str],
+    kind: str,
+    reference: dict[str, np.ndarray] | None,
+) -> Screened:
+    """Screen every reply of a round; count each rejection by reason.
+
+    ``addressed`` maps the node ids messaged this round to the site-ids they stand for;
+    a reply from a node not addressed, or a second reply from one site, is rejected.
+    """
+    out = Screened()
+    seen: set[str] = set()
+    for msg in replies:
+        expected = addressed.get(msg.metadata.src_node_id)
+        try:
+            if expected is None or expected in seen:
+                raise RejectedReply("site", f"unexpected reply from node {msg.metadata.src_node_id}")
+            seen.add(expected)
+            reply = screen_reply(msg, kind, expected_site=expected, reference=reference)
+        except RejectedReply as exc:
+            out.rejected[exc.reason] += 1
+            log.warning("round reply from %s rejected (%s): %s", expected, exc.reason, exc.detail)
+            continue
+        if reply.status is Status.REFUSED_BUDGET:
+            out.refused.append(reply.site_id)
+        else:
+            out.good.append(reply)
+    out.missing = len(addressed) - len(seen)
+    return out
+
+
+def weighted_mean(replies: list[SiteReply]) -> dict[str, np.ndarray]:
+    """Example-weighted average of screened updates (Flower's own aggregation helper)."""
+    record = aggregate_arrayrecords([r.content for r in replies if r.content is not None], "num-examples")
+    return record_to_arrays(record)
+
+
+def _weighted(replies: list[SiteReply], key: str) -> float:
+    total = sum(r.metrics["num-examples"] for r in replies)
+    return sum(r.metrics[key] * r.metrics["num-examples"] for r in replies) / total if total else math.nan
+
+
+class Federation:
+    """One federated run, from the initial model to the summary."""
+
+    def __init__(
+        self, grid: Grid, cfg: StamenConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.seeds = derive_seeds(int(cfg["seed"]))
+        self.outputs = RunOutputs(out_dir)
+        self.on_round = on_round
+        self.data = load_server_data(cfg)
+        self.model_name = resolve_model_name(str(cfg["model"]), self.data.input_shape)
+        self.model = build_model(
+            self.model_name, self.data.input_shape, self.data.num_classes, seed=self.seeds["model_init"]
+        )
+        self.arrays = model_to_arrays(self.model)
+        self.optimizer = make_server_optimizer(
+            str(cfg["strategy"]),
+            server_lr=float(cfg["server-lr"]),
+            momentum=float(cfg["server-momentum"]),
+            nesterov=bool(cfg["server-nesterov"]),
+            beta_1=float(cfg["beta-1"]),
+            beta_2=float(cfg["beta-2"]),
+            tau=float(cfg["tau"]),
+        )
+        self.sampler = SiteSampler(self.seeds["sampling"])
+        self.state_dir = str(Path(cfg["state-dir"] or Path(out_dir) / "sites").resolve())
+        self.directory = SiteDirectory(
+            grid, lambda: self._content(0, with_model=False), timeout=float(cfg["round-timeout"])
+        )
+        self.best = Best()
+        self.totals: Counter[str] = Counter()
+
+    def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
+        config = {
+            **self.cfg.as_dict(),
+            "state-dir": self.state_dir,
+            "server-round": server_round,
+            "model-name": self.model_name,
+            "model-input-shape": list(self.data.input_shape),
+            "model-num-classes": self.data.num_classes,
+        }
+        content = RecordDict({"config": ConfigRecord(config)})
+        if with_model:
+            content["arrays"] = arrays_to_record(self.arrays)
+        return content
+
+    def _send(self, sites: list[str], nodes: dict[str, int], kind: str, server_round: int) -> list[Message]:
+        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        messages = [
+            Message(
+                self._content(server_round), dst_node_id=nodes[s], message_type=message_type, group_id=str(server_round)
+            )
+            for s in sites
+        ]
+        return list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+
+    def _federated_eval(self, server_round: int, nodes: dict[str, int]) -> dict[str, float]:
+        every = int(self.cfg["eval-every"])
+        last = server_round == int(self.cfg["num-server-rounds"])
+        if float(self.cfg["holdout-fraction"]) == 0 or not (last or (every and server_round % every == 0)):
+            return {}
+        sites = self.sampler.sample(nodes, float(self.cfg["fraction-evaluate"]))
+        screened = screen_round(
+            self._send(sites, nodes, "evaluate", server_round), {nodes[s]: s for s in sites}, "evaluate", None
+        )
+        if not screened.good:
+            return {}
+        return {
+            "fed_loss": _weighted(screened.good, "eval-loss"),
+            "fed_accuracy": _weighted(screened.good, "eval-accuracy"),
+            "fed_sites": len(screened.good),
+        }
+
+    def _train_round(self, server_round: int, nodes: dict[str, int]) -> dict[str, Any]:
+        sites = self.sampler.sample(nodes, float(self.cfg["fraction-train"]), int(self.cfg["min-train-sites"]))
+        screened = screen_round(
+            self._send(sites, nodes, "train", server_round), {nodes[s]: s for s in sites}, "train", self.arrays
+        )
+        row: dict[str, Any] = {
+            "sampled": len(sites),
+            "replied": len(screened.good),
+            "refused": len(screened.refused),
+            "failed": screened.missing,
+            "rejected": sum(screened.rejected.values()),
+        }
+        for reason in REJECT_REASONS:
+            self.totals[f"rejected_{reason}"] += screened.rejected[reason]
+        self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        if len(screened.good) < int(self.cfg["min-train-sites"]):
+            row["updated"] = False
+            return row
+        aggregate = weighted_mean(screened.good)
+        self.arrays = self.optimizer.step(self.arrays, aggregate, server_round)
+        row.update(
+            updated=True,
+            train_loss=_weighted(screened.good, "train-loss"),
+            grad_norm=_weighted(screened.good, "grad-norm"),
+            lr=max(r.metrics["lr"] for r in screened.good),
+            server_buffer_norm=self.optimizer.buffer_norm(),
+        )
+        return row
+
+    def run(self) -> dict[str, Any]:
+        """Run every round and write the run directory; return the summary."""
+        write_run_record(self.outputs.dir, build_run_record(self.cfg, extra={"model": self.model_name}))
+        start = time.monotonic()
+        rounds = int(self.cfg["num-server-rounds"])
+        empty = 0
+        completed = 0
+        for server_round in range(1, rounds + 1):
+            t0 = time.monotonic()
+            nodes = self.directory.refresh()
+            if not nodes:
+                raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
+            row = {"round": server_round, **self._train_round(server_round, nodes)}
+            empty = 0 if row["updated"] else empty + 1
+            if empty >= int(self.cfg["max-empty-rounds"]):
+                raise RunFailed(
+                    f"{empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
+                    f"(round {server_round}: {row['rejected']} rejected, {row['failed']} missing, "
+                    f"{row['refused']} refused); see the log for reasons"
+                )
+            row.update(self._federated_eval(server_round, nodes))
+            load_arrays(self.model, self.arrays)
+            central = evaluate_centrally(self.model, self.data)
+            if central is not None:
+                row["central_loss"], row["central_accuracy"] = central
+            row["loss"] = row.get("central_loss", row.get("fed_loss", math.nan))
+            row["accuracy"] = row.get("central_accuracy", row.get("fed_accuracy", math.nan))
+            row["seconds"] = time.monotonic() - t0
+            row["elapsed"] = time.monotonic() - start
+            if row["accuracy"] > self.best.accuracy:
+                self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays))
+            self.outputs.add_round(row)
+            completed = server_round
+            if self.on_round:
+                self.on_round(row)
+            log.info(
+                "round %d: accuracy %.4f loss %.4f (%.1fs)", server_round, row["accuracy"], row["loss"], row["seconds"]
+            )
+        return self._finish(completed, time.monotonic() - start)
+
+    def _finish(self, completed: int, seconds: float) -> dict[str, Any]:
+        last = self.outputs.history[-1] if self.outputs.history else {}
+        meta = {"round": str(completed), "model": self.model_name}
+        self.outputs.save_model("model.safetensors", self.arrays, meta)
+        if self.best.arrays is not None:
+            self.outputs.save_model(
+                "best.safetensors", self.best.arrays, {"round": str(self.best.round), "model": self.model_name}
+            )
+        summary = {
+            "status": "completed",
+            "rounds_completed": completed,
+            "final": {
+                "accuracy": last.get("accuracy", math.nan),
+                "loss": last.get("loss", math.nan),
+                "source": "centralized" if "central_accuracy" in last else "federated",
+            },
+            "best": {"round": self.best.round, "accuracy": self.best.accuracy, "loss": self.best.loss},
+            "participation": dict(self.totals),
+            "handshake_rejected": dict(self.directory.rejected),
+            "seconds": seconds,
+            "model": self.model_name,
+        }
+        self.outputs.write_summary(summary)
+        return summary

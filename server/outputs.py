@@ -1,0 +1,57 @@
+"""The run directory: history, summary and model files, all written atomically.
+
+``summary.json`` is a public contract (other tools and later features read it): keys are
+only ever added. ``progress.jsonl`` gets one line per round so a watcher (the CLI's
+progress bar) can follow a run in another process.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as st_save
+
+from common.state import atomic_write_bytes, atomic_write_json
+
+SUMMARY_SCHEMA_VERSION = 1
+
+
+class RunOutputs:
+    """Writes a run's files under ``out_dir``."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict[str, Any]] = []
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        """Record one round: history.csv rewritten, one progress line appended."""
+        self.history.append(row)
+        columns: list[str] = []
+        for r in self.history:
+            columns += [k for k in r if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_bytes(self.dir / "history.csv", buf.getvalue().encode(), mode=0o644)
+        with open(self.dir / "progress.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def save_model(self, name: str, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+        """A model as safetensors (with string metadata such as round and accuracy)."""
+        path = self.dir / name
+        data = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        atomic_write_bytes(path, st_save(data, metadata=metadata), mode=0o644)
+        return path
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        """``summary.json`` with the schema version and the full history."""
+        path = self.dir / "summary.json"
+        atomic_write_json(path, {"schema": SUMMARY_SCHEMA_VERSION, **summary, "history": self.history})
+        return path

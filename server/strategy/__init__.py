@@ -1,0 +1,29 @@
+"""Server optimizers: turn a round's aggregate into the next global model.
+
+Flower's ``FedAvgM``/``FedAdam``/``FedYogi`` strategies keep their buffers and current
+model in private attributes that a checkpoint cannot capture cleanly, offer no
+Nesterov, and are fused to plain weighted averaging. stamen needs to apply momentum
+on top of robust aggregates (median, trimmed mean, Krum) and to reset it on rollback,
+so these optimizers take any aggregate and expose their state explicitly
+(``state_dict``/``load_state_dict``/``reset``). Their updates match Flower 1.41's.
+"""
+
+from .base import Arrays, ServerOptimizer
+from .factory import OPTIMIZER_NAMES, make_server_optimizer
+from .fedadam import FedAdam
+from .fedavg import FedAvg
+from .fedavgm import FedAvgM
+from .fedopt import FedOpt
+from .fedyogi import FedYogi
+
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "Arrays",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedOpt",
+    "FedYogi",
+    "ServerOptimizer",
+    "make_server_optimizer",
+]

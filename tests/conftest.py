@@ -1,0 +1,32 @@
+"""Shared fixtures: Flower instruction messages as a running ServerApp would stamp them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps new messages with the ServerApp's task identity; fake one for the test."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+@pytest.fixture
+def instruction(serverapp_identity: None) -> Callable[..., Message]:
+    """Build the instruction a ServerApp sends to ``node_id``.
+
+    A reply built with ``Message(..., reply_to=instruction)`` then carries
+    ``src_node_id == node_id``, exactly as Flower delivers it to the server.
+    """
+
+    def make(node_id: int = 11, message_type: str = MessageType.TRAIN, server_round: int = 1) -> Message:
+        return Message(RecordDict(), dst_node_id=node_id, message_type=message_type, group_id=str(server_round))
+
+    return make

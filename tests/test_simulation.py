@@ -1,0 +1,89 @@
+"""End to end: ``stamen simulate`` on Flower's simulation engine, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from common.config import KEYS
+
+
+def _ray_processes() -> set[int]:
+    """Pids of Ray daemons (raylet, gcs_server) currently alive on this machine."""
+    found: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"raylet" in cmd or b"gcs_server" in cmd:
+            found.add(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_three_sites_three_rounds_on_digits(tmp_path: Path) -> None:
+    before = _ray_processes()
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations",
+            "simulate",
+            "--clients",
+            "3",
+            "--rounds",
+            "3",
+            "--dataset",
+            "digits",
+            "--local-epochs",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--timeout",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "final accuracy" in result.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["rounds_completed"] == 3
+    assert summary["final"]["accuracy"] >= 0.5
+    assert summary["final"]["source"] == "centralized"
+    assert [row["round"] for row in summary["history"]] == [1, 2, 3]
+    for row in summary["history"]:
+        assert row["sampled"] == row["replied"] == 3
+        assert math.isfinite(row["loss"]) and row["seconds"] > 0
+        assert 0 <= row["fed_accuracy"] <= 1
+    assert summary["participation"]["replied"] == 9
+
+    record = json.loads((out / "config.json").read_text())
+    assert set(record["config"]) == {k.name for k in KEYS}
+    assert record["config"]["dataset"] == "digits"
+
+    with open(out / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+    model = load_file(out / "model.safetensors")
+    assert model and not any(k.startswith("_module.") for k in model)
+    assert (out / "convergence.png").stat().st_size > 10_000
+    for site in ("site-0000", "site-0001", "site-0002"):
+        participation = json.loads((out / "sites" / site / "participation.json").read_text())
+        assert participation["data"]["rounds"] == 3
+
+    assert _ray_processes() <= before, "the simulation left Ray processes behind"
