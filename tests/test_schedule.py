@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,16 @@ def test_cosine_decays_monotonically_to_the_floor() -> None:
 # --- local training follows the schedule --------------------------------------------------------
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models train ~50x slower when torch's threads fight other work for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_train_local_follows_the_global_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     # 50 examples in micro-batches of 8: 7 micro-batches per epoch; optimizer steps after
     # micro-batches 3, 6 and 7 (accum 3, last one short), so 3 per epoch and 6 per round.

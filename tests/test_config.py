@@ -1,0 +1,203 @@
+"""The run-config table: in step with pyproject.toml, coerced from strings, ranges enforced by name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest itself depends on tomli below 3.11
+    import tomli as tomllib
+
+from common.config import KEY_BY_NAME, KEYS, StamenConfig, parse_assignment
+from common.errors import ConfigError
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+@pytest.fixture(scope="module")
+def app_config() -> dict[str, Any]:
+    """``[tool.flwr.app.config]``: the defaults Flower hands the ServerApp."""
+    with PYPROJECT.open("rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+
+# --- pyproject.toml -----------------------------------------------------------------------
+
+
+def test_pyproject_lists_exactly_the_known_keys(app_config: dict[str, Any]) -> None:
+    assert sorted(set(app_config) - set(KEY_BY_NAME)) == []  # in pyproject, unknown to stamen
+    assert sorted(set(KEY_BY_NAME) - set(app_config)) == []  # known to stamen, missing from pyproject
+
+
+@pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
+def test_pyproject_default_matches_the_table(app_config: dict[str, Any], key: Any) -> None:
+    value = app_config.get(key.name)
+    assert type(value) is key.type, f"{key.name}: pyproject has {value!r}, the table is {key.type.__name__}"
+    assert value == key.default
+
+
+def test_pyproject_config_resolves_to_the_defaults(app_config: dict[str, Any]) -> None:
+    assert StamenConfig.from_mapping(app_config).as_dict() == StamenConfig.from_mapping({}).as_dict()
+
+
+def test_defaults_pass_their_own_checks_and_keys_are_unique() -> None:
+    assert len(KEY_BY_NAME) == len(KEYS)
+    for key in KEYS:
+        assert isinstance(key.default, key.type), key.name
+        assert key.check is None or key.check(key.default), key.name
+        assert key.check is None or key.expect, f"{key.name} has a check but no 'expect' text"
+
+
+def test_as_dict_is_in_table_order() -> None:
+    assert list(StamenConfig.from_mapping({}).as_dict()) == [k.name for k in KEYS]
+
+
+# --- coercion -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("server-eval", "true", True),
+        ("server-eval", "False", False),
+        ("server-eval", "yes", True),
+        ("server-eval", "0", False),
+        ("nesterov", True, True),
+        ("num-server-rounds", "3", 3),
+        ("num-server-rounds", 3.0, 3),
+        ("fraction-train", "0.5", 0.5),
+        ("lr", "1e-3", 0.001),
+        ("lr", 1, 1.0),
+        ("dataset", "npz:/data/x.npz", "npz:/data/x.npz"),
+    ],
+)
+def test_values_are_coerced_to_the_key_type(key: str, raw: Any, expected: Any) -> None:
+    value = StamenConfig.from_mapping({key: raw})[key]
+    assert value == expected
+    assert type(value) is KEY_BY_NAME[key].type
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("server-eval", "maybe"),
+        ("server-eval", 1),
+        ("num-server-rounds", "3.5"),
+        ("num-server-rounds", 2.5),
+        ("num-server-rounds", "three"),
+        ("lr", "fast"),
+        ("lr", True),
+        ("lr", None),
+    ],
+)
+def test_uncoercible_values_name_the_key(key: str, raw: Any) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        StamenConfig.from_mapping({key: raw})
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match="num-rounds"):
+        StamenConfig.from_mapping({"num-rounds": 3})
+
+
+def test_unknown_keys_pass_when_not_strict() -> None:
+    cfg = StamenConfig.from_mapping({"other-app-key": 1, "lr": "0.2"}, strict=False)
+    assert cfg["lr"] == 0.2
+    assert "other-app-key" not in cfg.as_dict()
+
+
+# --- ranges ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("num-server-rounds", 0),
+        ("fraction-train", 0.0),
+        ("fraction-train", 1.5),
+        ("fraction-evaluate", -0.1),
+        ("min-train-sites", 0),
+        ("round-timeout", 0),
+        ("seed", -1),
+        ("alpha", 0),
+        ("holdout-fraction", 1.0),
+        ("lr", 0),
+        ("lr", -0.1),
+        ("lr", "nan"),
+        ("lr", "inf"),
+        ("momentum", 1.0),
+        ("weight-decay", -1e-4),
+        ("clip-norm", "inf"),
+        ("batch-size", 0),
+        ("accum-steps", 0),
+        ("warmup-rounds", -1),
+        ("lr-min-factor", 1.5),
+        ("step-gamma", 0),
+        ("step-rounds", 0),
+        ("partition", "random"),
+        ("optimizer", "lion"),
+        ("lr-schedule", "linear"),
+        ("precision", "fp8"),
+        ("device", "tpu"),
+        ("strategy", "fedsgd"),
+        ("beta-2", 1.0),
+        ("tau", 0),
+    ],
+)
+def test_out_of_range_values_name_the_key(key: str, raw: Any) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        StamenConfig.from_mapping({key: raw})
+
+
+@pytest.mark.parametrize("raw", ["1,x,28", "0,28,28", ",", "-1"])
+def test_bad_input_shape_fails_at_construction(raw: str) -> None:
+    with pytest.raises(ConfigError, match="input-shape"):
+        StamenConfig.from_mapping({"input-shape": raw})
+
+
+def test_input_shape_parses() -> None:
+    assert StamenConfig.from_mapping({"input-shape": " 1, 28,28 "}).input_shape == (1, 28, 28)
+    assert StamenConfig.from_mapping({}).input_shape is None
+
+
+def test_lr_horizon_defaults_to_run_length() -> None:
+    assert StamenConfig.from_mapping({"num-server-rounds": 7}).lr_horizon_rounds == 7
+    assert StamenConfig.from_mapping({"num-server-rounds": 7, "lr-horizon-rounds": 3}).lr_horizon_rounds == 3
+
+
+def test_replace_uses_underscores_and_validates() -> None:
+    cfg = StamenConfig.from_mapping({"lr": 0.2})
+    changed = cfg.replace(num_server_rounds=5)
+    assert (changed["num-server-rounds"], changed["lr"], cfg["num-server-rounds"]) == (5, 0.2, 20)
+    with pytest.raises(ConfigError, match="'lr'"):
+        cfg.replace(lr=0)
+
+
+# --- --set assignments ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lr=0.1", ("lr", "0.1")),
+        (" lr = 0.1 ", ("lr", "0.1")),
+        ("dataset=csv:a=b.csv", ("dataset", "csv:a=b.csv")),  # only the first '=' splits
+        ("out-dir=", ("out-dir", "")),
+    ],
+)
+def test_parse_assignment(text: str, expected: tuple[str, str]) -> None:
+    assert parse_assignment(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("lr", "key=value"), ("lr 0.1", "key=value"), ("num-rounds=3", "num-rounds"), ("=3", "unknown")],
+)
+def test_parse_assignment_errors(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_assignment(text)
