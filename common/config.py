@@ -93,7 +93,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "holdout-fraction",
         float,
-        0.1,
+        0.05,
         "share of each site's data held out for federated evaluation",
         _unit_open,
         "in [0, 1)",
@@ -122,7 +122,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("warmup-rounds", float, 1.0, "linear LR warmup length, in rounds", _nonneg, ">= 0"),
     Key("lr-horizon-rounds", int, 0, "rounds the cosine decays over (0 = num-server-rounds)", lambda v: v >= 0, ">= 0"),
-    Key("lr-min-factor", float, 0.05, "cosine floor as a fraction of lr", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    Key("lr-min-factor", float, 0.2, "cosine floor as a fraction of lr", lambda v: 0 <= v <= 1, "in [0, 1]"),
     Key("step-rounds", int, 10, "step schedule: rounds between decays", lambda v: v >= 1, ">= 1"),
     Key("step-gamma", float, 0.5, "step schedule: decay factor", _unit, "in (0, 1]"),
     Key(

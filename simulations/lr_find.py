@@ -56,8 +56,8 @@ def lr_range_test(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        smooth = 0.9 * smooth + 0.1 * float(loss) if step else float(loss)
-        debiased = smooth / (1 - 0.9 ** (step + 1)) if step else smooth
+        smooth = 0.9 * smooth + 0.1 * float(loss.detach())
+        debiased = smooth / (1 - 0.9 ** (step + 1))
         lrs.append(lr)
         losses.append(debiased)
         best = min(best, debiased)

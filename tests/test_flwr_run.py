@@ -4,13 +4,17 @@ flwr 1.41 keeps SuperLink connections in ``$FLWR_HOME/config.toml``; a fresh FLW
 gets the default connection ``local`` (address ``:local:``), for which ``flwr run``
 lazily starts a detached ``flower-superlink --simulation`` that outlives the command.
 Flower writes no pid file for it, but its command line names its log file,
-``$FLWR_HOME/local-superlink/superlink.log``, which is unique to this test's temporary
-FLWR_HOME: that is how the test finds it and stops it by pid.
+``$FLWR_HOME/local-superlink/superlink.log``, unique to this test's temporary
+FLWR_HOME: that is how the test finds it, and it stops it by pid.
 
-Every process of the run (SuperLink, the SuperExec it starts, ``flwr-simulation`` and
-the Ray cluster that one starts) inherits the environment of ``flwr run``, so a process
-whose environment holds this test's ``FLWR_HOME`` belongs to this test and no other;
-whatever of those outlives the SuperLink is stopped by pid too and reported.
+The SuperLink runs in a session of its own and starts a SuperExec in another one, which
+starts ``flwr-simulation`` and, through it, a Ray cluster in that same session. So the
+processes of this run are those in the sessions of the SuperLink and of its descendants,
+started after ``flwr run`` (or with this test's FLWR_HOME in their environment). Ray
+renames its processes (``ray::DashboardAgent``) over their environment, and once their
+parents are gone their parent pid is 1, so neither the environment nor the process tree
+finds all of them afterwards; the sessions do. Whatever of the run outlives the
+SuperLink is stopped by pid too, and reported.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 300.0  # seconds for the whole `flwr run --stream`
-TERM_GRACE = 20.0  # seconds between SIGTERM and SIGKILL
+TERM_GRACE = 20.0  # seconds between SIGTERM and SIGKILL for the SuperLink
 ORPHAN_GRACE = 15.0  # seconds the SuperLink's children get to exit on their own
 ROUNDS = 2
 
@@ -39,27 +44,37 @@ ROUNDS = 2
 # --- /proc helpers (Linux; no psutil) -------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of ``pid``, or None if there is none."""
+class Stat(NamedTuple):
+    state: str
+    ppid: int
+    sid: int
+    start: int  # clock ticks since boot: with the pid, names one process exactly
+
+
+def _stat(pid: int) -> Stat | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
-    return fields[0], int(fields[19])
+    f = raw[raw.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
+    return Stat(f[0], int(f[1]), int(f[3]), int(f[19]))
+
+
+def _live(st: Stat | None) -> bool:
+    return st is not None and st.state not in ("Z", "X")  # a zombie has stopped
 
 
 def _alive(pid: int, start: int) -> bool:
-    """Whether the process that had ``start`` as start time still runs (zombies do not)."""
+    """Whether the process ``(pid, start)`` still runs: a reused pid is another process."""
     st = _stat(pid)
-    return st is not None and st[1] == start and st[0] not in ("Z", "X")
+    return _live(st) and st is not None and st.start == start
 
 
-def _cmdline(pid: int) -> list[str]:
+def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
-        return []
+        return ""
 
 
 def _pids() -> Iterator[int]:
@@ -69,42 +84,74 @@ def _pids() -> Iterator[int]:
 
 
 def _superlinks(log_file: Path) -> dict[int, int]:
-    """``{pid: start time}`` of every live ``flower-superlink`` logging to ``log_file``."""
-    found = {}
-    for pid in _pids():
-        cmd = _cmdline(pid)
-        if not any(Path(arg).name == "flower-superlink" for arg in cmd[:2]):
-            continue
-        if "--log-file" in cmd[:-1] and cmd[cmd.index("--log-file") + 1] == str(log_file):
-            st = _stat(pid)
-            if st is not None and st[0] not in ("Z", "X"):
-                found[pid] = st[1]
-    return found
-
-
-def _tagged(flwr_home: Path) -> dict[int, tuple[int, str]]:
-    """``{pid: (start time, command line)}`` of live processes whose environment has our FLWR_HOME."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
+    """``{pid: start}`` of every live ``flower-superlink`` logging to ``log_file``."""
     found = {}
     for pid in _pids():
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if marker not in environ.split(b"\0"):
+        if not any(Path(a).name == "flower-superlink" for a in args[:2]) or "--log-file" not in args[:-1]:
             continue
-        st = _stat(pid)
-        if st is not None and st[0] not in ("Z", "X"):
-            found[pid] = (st[1], " ".join(_cmdline(pid))[:160])
+        if args[args.index("--log-file") + 1] == str(log_file) and _live(st := _stat(pid)):
+            assert st is not None
+            found[pid] = st.start
     return found
+
+
+class RunProcesses:
+    """The processes of one ``flwr run``, found by session, start time and FLWR_HOME."""
+
+    def __init__(self, flwr_home: Path) -> None:
+        """Call before starting ``flwr run`` (with ``start_new_session``), then :meth:`add_session`."""
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        self.since = int(uptime * os.sysconf("SC_CLK_TCK")) - 1  # ticks since boot, as in /proc/PID/stat
+        self.sids: set[int] = set()
+        self.log_file = flwr_home / "local-superlink" / "superlink.log"
+        self.marker = f"FLWR_HOME={flwr_home}".encode()
+
+    def add_session(self, sid: int) -> None:
+        self.sids.add(sid)
+
+    def refresh(self) -> None:
+        """Add the sessions of the SuperLink and of all its descendants."""
+        procs = {pid: st for pid in _pids() if _live(st := _stat(pid))}
+        todo = list(self._mine(procs))
+        seen = set(todo)
+        while todo:
+            pid = todo.pop()
+            self.sids.add(procs[pid].sid)
+            kids = [c for c, st in procs.items() if st.ppid == pid and c not in seen]
+            seen.update(kids)
+            todo += kids
+
+    def _mine(self, procs: dict[int, Stat]) -> Iterator[int]:
+        yield from (pid for pid in _superlinks(self.log_file) if pid in procs)
+        yield from (pid for pid, st in procs.items() if st.sid in self.sids and st.start >= self.since)
+
+    def members(self) -> dict[int, tuple[int, str]]:
+        """``{pid: (start, command line)}`` of every live process of the run."""
+        found = {}
+        for pid in _pids():
+            st = _stat(pid)
+            if not _live(st) or st is None or st.start < self.since:
+                continue
+            if st.sid not in self.sids:
+                try:
+                    if self.marker not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                        continue
+                except OSError:
+                    continue
+            found[pid] = (st.start, _cmdline(pid)[:120])
+        return found
 
 
 def _is_ray(cmdline: str) -> bool:
     return any(name in cmdline for name in ("raylet", "gcs_server", "ray::", "/ray/"))
 
 
-def _stop(pid: int, start: int, grace: float = TERM_GRACE) -> str:
-    """SIGTERM ``pid``, SIGKILL it after ``grace`` s; say how it ended."""
+def _stop(pid: int, start: int, grace: float) -> str:
+    """SIGTERM ``(pid, start)``, SIGKILL it after ``grace`` s; say how it ended."""
     how = "already gone"
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         if not _alive(pid, start):
@@ -121,6 +168,7 @@ def _stop(pid: int, start: int, grace: float = TERM_GRACE) -> str:
 
 
 def _wait_gone(procs: dict[int, tuple[int, str]], timeout: float) -> dict[int, tuple[int, str]]:
+    """Those of ``procs`` still alive after up to ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         left = {pid: v for pid, v in procs.items() if _alive(pid, v[0])}
@@ -150,7 +198,7 @@ def test_flwr_run_streams_a_local_simulation_and_writes_the_run_directory(tmp_pa
     flwr = BIN / "flwr"
     if not flwr.exists() or not (BIN / "flower-superlink").exists():
         pytest.skip(f"no flwr / flower-superlink next to {sys.executable}")
-    if not Path("/proc/self/environ").exists():
+    if not Path("/proc/self/stat").exists():
         pytest.skip("needs Linux /proc to find the SuperLink by pid")
 
     flwr_home = tmp_path / "flwr-home"
@@ -164,7 +212,8 @@ def test_flwr_run_streams_a_local_simulation_and_writes_the_run_directory(tmp_pa
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         # Else each ServerApp launch runs `uv sync` on stamen's dependencies (no internet).
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        # A port of our own, so another local SuperLink (default 39091) is never reused.
+        # A port of our own, so that a local SuperLink already up on the default port
+        # (39091, e.g. someone's `flwr run`) is not reused, nor ours reused by another.
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         # `flwr` starts `flower-superlink` by name.
@@ -178,30 +227,38 @@ def test_flwr_run_streams_a_local_simulation_and_writes_the_run_directory(tmp_pa
         f"num-server-rounds={ROUNDS} dataset='digits' min-partition-size=8 out-dir='{out_dir}'",
     ]  # fmt: skip
 
-    proc: subprocess.Popen[str] | None = None
+    run = RunProcesses(flwr_home)
     stopped: dict[int, str] = {}
-    left_after_run: dict[int, tuple[int, str]] = {}
+    ray_after_run: dict[int, tuple[int, str]] = {}
     orphans: dict[int, tuple[int, str]] = {}
-    remaining: dict[int, tuple[int, str]] = {}
     t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    run.add_session(proc.pid)  # start_new_session: the CLI's pid is its session's id
     try:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            output, _ = proc.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            pytest.fail(
-                f"`flwr run` took over {RUN_TIMEOUT:.0f}s; output tail:\n{output[-4000:]}\n"
-                f"SuperLink log tail:\n{_tail(log_file)}"
-            )
+        while True:  # retrying communicate() loses no output; meanwhile, note the sessions
+            try:
+                output, _ = proc.communicate(timeout=2.0)
+                break
+            except subprocess.TimeoutExpired:
+                run.refresh()
+                if time.monotonic() - t0 > RUN_TIMEOUT:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    output, _ = proc.communicate()
+                    pytest.fail(
+                        f"`flwr run` took over {RUN_TIMEOUT:.0f}s; output tail:\n{output[-4000:]}\n"
+                        f"SuperLink log tail:\n{_tail(log_file)}"
+                    )
         elapsed = time.monotonic() - t0
+        run.refresh()
         context = f"\n--- flwr run output (tail) ---\n{output[-6000:]}\n--- SuperLink log ---\n{_tail(log_file)}"
 
+        # `flwr run --stream` exits 0 even when the run fails (e.g. Flower exit code 608
+        # when `uv sync` of the app's dependencies fails): the run directory is the proof.
         assert proc.returncode == 0, f"`flwr run` exited with {proc.returncode}{context}"
+        assert "Exit Code:" not in output, f"the run failed{context}"
         assert f"Starting local SuperLink on 127.0.0.1:{port}" in output, context
         assert "Successfully started run" in output, context
         assert "(3 simulated SuperNodes)" in output, context
@@ -209,6 +266,7 @@ def test_flwr_run_streams_a_local_simulation_and_writes_the_run_directory(tmp_pa
         for rnd in range(1, ROUNDS + 1):
             assert f"round {rnd}: accuracy" in output, f"no stamen 'round {rnd}' log line{context}"
 
+        assert (out_dir / "summary.json").exists(), f"no {out_dir}/summary.json{context}"
         summary = json.loads((out_dir / "summary.json").read_text())
         assert summary["status"] == "completed", summary
         assert summary["rounds_completed"] == ROUNDS, summary
@@ -219,30 +277,30 @@ def test_flwr_run_streams_a_local_simulation_and_writes_the_run_directory(tmp_pa
 
         superlinks = _superlinks(log_file)
         assert len(superlinks) == 1, f"expected the one SuperLink `flwr run` started, found {superlinks}"
-        # What of the run is still up now that it has finished (Ray should have shut down).
-        ray_procs = {pid: v for pid, v in _tagged(flwr_home).items() if _is_ray(v[1])}
-        left_after_run = _wait_gone(ray_procs, 10.0)
-        print(f"\n[flwr run] {elapsed:.1f}s, SuperLink pid(s) {sorted(superlinks)} on port {port}")
+        # The run is over: its Ray cluster should be shut down (the SuperLink stays up).
+        ray_after_run = _wait_gone({p: v for p, v in run.members().items() if _is_ray(v[1])}, 10.0)
+        print(f"\n[flwr run] {elapsed:.1f}s; SuperLink pid {next(iter(superlinks))} on port {port}")
     finally:
-        if proc is not None and proc.poll() is None:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # The SuperLink, by pid: found by its log file, which lives in our FLWR_HOME.
+            proc.communicate()
+        run.refresh()  # a last look at the sessions while the SuperLink is up
+        # The SuperLink, by pid: the one whose log file is in our FLWR_HOME.
         for pid, start in _superlinks(log_file).items():
-            stopped[pid] = _stop(pid, start)
-        # Its SuperExec exits once it sees the SuperLink gone; anything else is a leak.
-        orphans = _wait_gone(_tagged(flwr_home), ORPHAN_GRACE)
+            stopped[pid] = _stop(pid, start, TERM_GRACE)
+        # Its SuperExec exits once it sees the SuperLink gone; what else stays is a leak.
+        orphans = _wait_gone(run.members(), ORPHAN_GRACE)
         for pid, (start, _) in orphans.items():
             _stop(pid, start, grace=5.0)
-        remaining = _tagged(flwr_home)
-        for pid, (start, _) in remaining.items():  # last resort, so nothing ever leaks
+        for pid, (start, _) in run.members().items():  # anything that showed up meanwhile
             _stop(pid, start, grace=0.0)
-        if orphans or left_after_run:
-            print(f"[flwr run] Ray processes up after the run: {left_after_run}")
+        if ray_after_run or orphans:
+            print(f"[flwr run] Ray processes still up after the run: {ray_after_run}")
             print(f"[flwr run] outlived the SuperLink, stopped by pid: {orphans}")
 
     assert stopped, "no SuperLink to stop"
     assert all(how in ("SIGTERM", "SIGKILL") for how in stopped.values()), stopped
     assert not _superlinks(log_file), "the SuperLink survived SIGKILL"
+    remaining = run.members()
     assert not remaining, f"processes of this run survived SIGKILL: {remaining}"
-    print(f"[flwr run] SuperLink stopped: {stopped}; nothing of the run left (orphans stopped: {len(orphans)})")
+    print(f"[flwr run] stopped SuperLink {stopped}; nothing of the run left ({len(orphans)} orphans stopped)")
