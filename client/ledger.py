@@ -111,6 +111,18 @@ class PrivacyLedger:
         """Epsilon the site would have spent after a further round of ``steps`` noisy steps."""
         return _epsilon(self._accountant, _merged(self._history, (noise_multiplier, sample_rate, steps)), delta)
 
+    def refusal(
+        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, budget: float
+    ) -> str | None:
+        """Why the planned round must be refused (it would end above ``budget``), or None if it fits."""
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps, delta)
+        if after <= budget:
+            return None
+        return (
+            f"privacy budget: this round would bring epsilon from {self.epsilon(delta):.4g} to {after:.4g} "
+            f"(delta {delta:g}), above the budget {budget:g}"
+        )
+
     def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         """Add one round's executed steps and persist atomically, before the update may leave the site."""
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ def build_run_record(config: StamenConfig, *, extra: dict[str, Any] | None = Non
     """The record for a run with this configuration."""
     return {
         "schema": RUN_RECORD_SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.as_dict(),
         "seeds": derive_seeds(int(config["seed"])),
         "versions": package_versions(),

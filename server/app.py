@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,20 @@ def resolve_out_dir(cfg: StamenConfig, run_id: int | None = None) -> Path:
     """``out-dir``, or a fresh ``runs/<UTC timestamp>[-<run id>]``."""
     if cfg["out-dir"]:
         return Path(str(cfg["out-dir"])).expanduser().resolve()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path("runs", f"{stamp}-{run_id}" if run_id else stamp).resolve()
+
+
+def _configure_logging() -> None:
+    """Log stamen's own lines only; the root logger stays as Flower set it (an INFO root
+    would also log every HTTP request Flower makes to upload the logs)."""
+    logger = logging.getLogger("stamen")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(os.environ.get("STAMEN_LOG_LEVEL", "INFO"))
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
@@ -37,7 +49,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        logging.basicConfig(level=os.environ.get("STAMEN_LOG_LEVEL", "INFO"))
+        _configure_logging()
         raw = {k: v for k, v in context.run_config.items() if k in KEY_BY_NAME}
         cfg = StamenConfig.from_mapping({**raw, **(overrides or {})})
         out_dir = resolve_out_dir(cfg, getattr(grid.run, "run_id", None))

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -135,7 +135,7 @@ def run_simulation_process(spec: dict[str, Any], out_dir: Path, timeout: float, 
 
 def default_out_dir() -> Path:
     """``runs/<UTC timestamp>``."""
-    return Path("runs", datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    return Path("runs", datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
 
 
 @app.command()

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pytest itself depends on tomli below 3.11
-    import tomli as tomllib
 
 from common.config import KEY_BY_NAME, KEYS, StamenConfig, parse_assignment
 from common.errors import ConfigError
