@@ -10,7 +10,19 @@ step, bf16 autocast.
 Privacy accounting does not trust the configuration: the round's Opacus accountant is
 fed by the DP optimizer's step hook, which runs once per noisy step actually taken, and
 :meth:`DPTrainResult.commit` writes exactly that to the site's
-:class:`~client.ledger.PrivacyLedger`.
+:class:`~client.ledger.PrivacyLedger`. A round on a site::
+
+    rate, steps = dp_schedule(num_examples, cfg)
+    sigma = noise_multiplier or calibrate_noise(target, delta, rate, steps, horizon, accountant)
+    ledger = PrivacyLedger.load(store, accountant)
+    if reason := ledger.refusal(sigma, rate, steps, delta, budget): reply refused_budget
+    result = train_private(model, x, y, cfg, ..., noise_multiplier=sigma, ...)
+    result.commit(ledger)  # before the reply is built
+    reply model_to_arrays(model), epsilon = ledger.epsilon(delta)
+
+Opacus runs with ``secure_mode=False``: the Poisson sampler and the noise come from
+torch generators seeded per round, so a run is reproducible; that PRNG is not
+cryptographically secure (Opacus's ``secure_mode`` is the hardened alternative).
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.ledger import PrivacyLedger
+from client.ledger import PrivacyLedger, check_accountant
 from client.train import TrainResult, autocast_dtype, make_optimizer
 from common.config import StamenConfig
 from common.errors import ConfigError
@@ -44,7 +56,11 @@ GRAD_SAMPLE_MODE = "hooks"
 
 @dataclass(frozen=True)
 class DPTrainResult(TrainResult):
-    """A DP round's report. ``steps_executed`` is hook-counted; ``train_loss`` is not private."""
+    """A DP round's report, counted by the optimizer's step hook (``steps`` == ``steps_executed``).
+
+    ``grad_norm`` is the mean norm of the noised gradient (private); ``train_loss`` is
+    computed on the raw data and is not.
+    """
 
     steps_executed: int
     sample_rate: float
@@ -112,9 +128,10 @@ def train_private(
         raise ConfigError(
             f"DP-SGD needs noise-multiplier > 0 and max-grad-norm > 0, got {noise_multiplier}, {max_grad_norm}"
         )
+    check_accountant(accountant_name)
+    if cfg["precision"] == "fp16":
+        raise ConfigError("precision fp16 is not supported with DP-SGD (no loss scaling there); use bf16 or fp32")
     amp_dtype = autocast_dtype(str(cfg["precision"]), device)
-    if amp_dtype is torch.float16:
-        raise ConfigError("precision fp16 is not supported with DP-SGD; use bf16 or fp32")
     batch_size, accum, epochs = int(cfg["batch-size"]), int(cfg["accum-steps"]), int(cfg["local-epochs"])
 
     work = copy.deepcopy(model).to(device).train()

@@ -25,7 +25,8 @@ ACCOUNTANTS = ("rdp", "prv")
 Entry = tuple[float, float, int]
 
 
-def _check_accountant(name: str) -> str:
+def check_accountant(name: str) -> str:
+    """``name`` if the ledger can keep it (Opacus's RDP or PRV accountant), else ConfigError."""
     if name not in ACCOUNTANTS:
         raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {name!r}")
     return name
@@ -69,7 +70,7 @@ class PrivacyLedger:
     @classmethod
     def load(cls, store: SiteStore, accountant: str = "rdp") -> PrivacyLedger:
         """The site's ledger; empty only if the site never recorded a DP round."""
-        _check_accountant(accountant)
+        check_accountant(accountant)
         doc = store.read_json(LEDGER_ENTRY)
         if doc is None:
             return cls(store, accountant, (), 0)
@@ -127,7 +128,7 @@ class PrivacyLedger:
         """Add one round's executed steps and persist atomically, before the update may leave the site."""
         try:
             entry = _parse_entry([noise_multiplier, sample_rate, steps])
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"cannot record a DP round: {exc}") from exc
         history = _merged(self._history, entry)
         rounds = self._rounds + 1
@@ -147,7 +148,7 @@ def calibrate_noise(
     accountant: str = "rdp",
 ) -> float:
     """The noise multiplier that spends ``target_epsilon`` over ``horizon_rounds`` rounds of this site."""
-    _check_accountant(accountant)
+    check_accountant(accountant)
     if not (math.isfinite(target_epsilon) and target_epsilon > 0 and 0 < delta < 1):
         raise ConfigError(f"target-epsilon must be > 0 and delta in (0, 1), got {target_epsilon!r}, {delta!r}")
     try:
