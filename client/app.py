@@ -18,6 +18,8 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.data import SiteData, load_site_data
+from client.dp import dp_schedule, train_private
+from client.ledger import PrivacyLedger, calibrate_noise
 from client.train import pick_device, round_seed, train_local
 from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
@@ -106,28 +108,79 @@ def train(msg: Message, context: Context) -> Message:
         data = ins.data()
         model = ins.model()
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
-        result = train_local(
-            model,
-            data.x_train,
-            data.y_train,
-            ins.cfg,
-            server_round=ins.server_round,
-            seed=seed,
-            device=pick_device(str(ins.cfg["device"])),
-        )
+        device = pick_device(str(ins.cfg["device"]))
         store = ins.store()
-        record = store.read_json("participation", default={"rounds": 0, "examples": 0, "last_round": 0})
-        record.update(
-            rounds=record["rounds"] + 1,
-            examples=record["examples"] + result.num_examples * int(ins.cfg["local-epochs"]),
-            last_round=ins.server_round,
+        if ins.cfg["dp"]:
+            return _train_private(msg, ins, data, model, store, seed, device)
+        result = train_local(
+            model, data.x_train, data.y_train, ins.cfg, server_round=ins.server_round, seed=seed, device=device
         )
-        store.write_json("participation", record)
+        _record_participation(store, ins, result.num_examples)
         return make_reply(
             msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=result.metrics()
         )
     except StamenError as exc:
         return _error_reply(msg, context, exc)
+
+
+def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
+    record = store.read_json("participation", default={"rounds": 0, "examples": 0, "last_round": 0})
+    record.update(
+        rounds=record["rounds"] + 1,
+        examples=record["examples"] + num_examples * int(ins.cfg["local-epochs"]),
+        last_round=ins.server_round,
+    )
+    store.write_json("participation", record)
+
+
+def _train_private(
+    msg: Message,
+    ins: Instruction,
+    data: SiteData,
+    model: torch.nn.Module,
+    store: SiteStore,
+    seed: int,
+    device: torch.device,
+) -> Message:
+    """A DP-SGD round: refuse if it would overspend, else train and charge the ledger first.
+
+    The ledger entry is written (atomically) before the reply is built, so a crash can
+    never under-count what was spent. A node's own ``epsilon-budget`` overrides the run's.
+    """
+    cfg = ins.cfg
+    delta, accountant = float(cfg["delta"]), str(cfg["accountant"])
+    budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
+    rate, steps = dp_schedule(data.num_train, cfg)
+    sigma = float(cfg["noise-multiplier"]) or calibrate_noise(
+        float(cfg["target-epsilon"]), delta, rate, steps, int(cfg["privacy-horizon-rounds"]), accountant
+    )
+    ledger = PrivacyLedger.load(store, accountant)
+    reason = ledger.refusal(sigma, rate, steps, delta, budget)
+    if reason:
+        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=reason)
+    result = train_private(
+        model,
+        data.x_train,
+        data.y_train,
+        cfg,
+        server_round=ins.server_round,
+        seed=seed,
+        device=device,
+        noise_multiplier=sigma,
+        max_grad_norm=float(cfg["max-grad-norm"]),
+        accountant_name=accountant,
+    )
+    result.commit(ledger)
+    _record_participation(store, ins, result.num_examples)
+    metrics = {
+        **result.metrics(),
+        "epsilon": ledger.epsilon(delta),
+        "noise-multiplier": sigma,
+        "sample-rate": result.sample_rate,
+        "ledger-steps": ledger.steps,
+        "ledger-rounds": ledger.rounds,
+    }
+    return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
 
 
 @app.evaluate()

@@ -129,6 +129,29 @@ KEYS: tuple[Key, ...] = (
         "precision", str, "auto", "auto = bf16 autocast on CUDA, fp32 on CPU", *_choice("auto", "fp32", "bf16", "fp16")
     ),
     Key("device", str, "auto", "client device", *_choice("auto", "cpu", "cuda")),
+    # --- differential privacy (client-side DP-SGD through Opacus) ---------------------------
+    Key("dp", bool, False, "train every site with DP-SGD (Opacus) and keep a privacy ledger per site"),
+    Key(
+        "noise-multiplier",
+        float,
+        0.0,
+        "DP noise std / max-grad-norm (0 = calibrate from target-epsilon)",
+        _nonneg,
+        ">= 0",
+    ),
+    Key("max-grad-norm", float, 1.0, "per-sample gradient clipping bound", _pos, "> 0"),
+    Key("target-epsilon", float, 8.0, "epsilon the noise is calibrated to over privacy-horizon-rounds", _pos, "> 0"),
+    Key("delta", float, 1e-5, "DP delta of every reported epsilon", lambda v: 0 < v < 1, "in (0, 1)"),
+    Key(
+        "privacy-horizon-rounds",
+        int,
+        0,
+        "rounds a site is planned to train (required to calibrate from target-epsilon)",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key("epsilon-budget", float, 0.0, "per-site epsilon budget (0 = target-epsilon)", _nonneg, ">= 0"),
+    Key("accountant", str, "rdp", "privacy accountant", *_choice("rdp", "prv")),
     # --- server optimizer ---------------------------------------------------------------
     Key("strategy", str, "fedavgm", "server optimizer", *_choice("fedavg", "fedavgm", "fedadam", "fedyogi")),
     Key("server-lr", float, 1.0, "server learning rate (eta for fedadam/fedyogi)", _pos, "> 0"),
@@ -201,6 +224,11 @@ class StamenConfig:
     def _check_combinations(self) -> None:
         if self["lr-schedule"] == "cosine" and self.lr_horizon_rounds < 1:
             raise ConfigError("lr-schedule 'cosine' needs lr-horizon-rounds >= 1 when rounds are unbounded")
+        if self["dp"] and self["noise-multiplier"] == 0 and self["privacy-horizon-rounds"] < 1:
+            raise ConfigError(
+                "dp with target-epsilon needs privacy-horizon-rounds >= 1 (rounds each site is planned to "
+                "train), or set noise-multiplier explicitly"
+            )
         if self["input-shape"]:
             self.input_shape  # noqa: B018 - parse now so a bad value fails at start
 
@@ -217,6 +245,11 @@ class StamenConfig:
     def lr_horizon_rounds(self) -> int:
         """Rounds the cosine schedule spans: explicit, else the run's length."""
         return int(self["lr-horizon-rounds"] or self["num-server-rounds"])
+
+    @property
+    def epsilon_budget(self) -> float:
+        """The per-site budget: explicit, else the calibration target."""
+        return float(self["epsilon-budget"] or self["target-epsilon"])
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:

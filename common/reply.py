@@ -6,7 +6,8 @@ A reply's ``RecordDict`` holds three records:
   :class:`Status`), ``site-id`` and, for refusals and errors, a ``reason``;
 - ``arrays`` (ArrayRecord, train replies with status ``ok`` only): the model, keyed by
   canonical parameter names (never Opacus's ``_module.`` prefix);
-- ``metrics`` (MetricRecord): exactly the keys listed below for the message kind.
+- ``metrics`` (MetricRecord): exactly the keys listed below for the message kind (a DP
+  site's train reply also carries :data:`PRIVACY_METRICS`).
 
 The server screens every reply with :func:`screen_reply` before any Flower aggregation
 code sees it, because Flower's ``FedAvg`` rejects a whole round when one reply's keys
@@ -36,6 +37,9 @@ class Status(StrEnum):
 
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "grad-norm", "lr", "steps"})
+# Sent in addition by a DP site: its cumulative epsilon and every input an auditor needs to
+# recompute it (the ledger's totals and this round's noise and sample rate).
+PRIVACY_METRICS = frozenset({"epsilon", "noise-multiplier", "sample-rate", "ledger-steps", "ledger-rounds"})
 EVAL_METRICS = frozenset({"num-examples", "eval-loss", "eval-accuracy"})
 QUERY_METRICS = frozenset({"num-examples"})
 METRICS_BY_KIND = {"train": TRAIN_METRICS, "evaluate": EVAL_METRICS, "query": QUERY_METRICS}
@@ -121,6 +125,8 @@ def _metrics(msg: Message, kind: str, site_id: str) -> dict[str, float]:
     if record is None:
         raise RejectedReply("bad_metrics", "no 'metrics' record", site_id)
     expected = METRICS_BY_KIND[kind]
+    if kind == "train" and set(record.keys()) >= PRIVACY_METRICS:
+        expected = expected | PRIVACY_METRICS
     if set(record.keys()) != expected:
         raise RejectedReply(
             "bad_metrics", f"metric keys {sorted(record.keys())} != expected {sorted(expected)}", site_id

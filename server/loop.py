@@ -139,6 +139,7 @@ class Federation:
         )
         self.best = Best()
         self.totals: Counter[str] = Counter()
+        self.privacy: dict[str, dict[str, float]] = {}
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
@@ -196,6 +197,18 @@ class Federation:
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
         self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        for reply in screened.good:
+            if "epsilon" in reply.metrics:
+                m = reply.metrics
+                self.privacy[reply.site_id] = {
+                    "epsilon": m["epsilon"],
+                    "noise_multiplier": m["noise-multiplier"],
+                    "sample_rate": m["sample-rate"],
+                    "steps": int(m["ledger-steps"]),
+                    "rounds": int(m["ledger-rounds"]),
+                }
+        if self.cfg["dp"]:
+            row["epsilon_max"] = max((p["epsilon"] for p in self.privacy.values()), default=0.0)
         if len(screened.good) < int(self.cfg["min-train-sites"]):
             row["updated"] = False
             return row
@@ -223,7 +236,12 @@ class Federation:
             if not nodes:
                 raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
             row = {"round": server_round, **self._train_round(server_round, nodes)}
-            empty = 0 if row["updated"] else empty + 1
+            if row["updated"]:
+                empty = 0
+            elif row["rejected"] + row["failed"] > 0:
+                empty += 1
+            else:
+                log.warning("round %d: every sampled site refused for its privacy budget", server_round)
             if empty >= int(self.cfg["max-empty-rounds"]):
                 raise RunFailed(
                     f"{empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
@@ -272,5 +290,15 @@ class Federation:
             "seconds": seconds,
             "model": self.model_name,
         }
+        if self.cfg["dp"]:
+            eps = [p["epsilon"] for p in self.privacy.values()]
+            summary["privacy"] = {
+                "delta": float(self.cfg["delta"]),
+                "epsilon_max": max(eps, default=0.0),
+                "epsilon_mean": sum(eps) / len(eps) if eps else 0.0,
+                "accountant": str(self.cfg["accountant"]),
+                "refused": self.totals["refused"],
+                "per_client": dict(sorted(self.privacy.items())),
+            }
         self.outputs.write_summary(summary)
         return summary

@@ -155,6 +155,14 @@ def simulate(
     local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
     batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
     seed: Annotated[int | None, typer.Option(help="master seed")] = None,
+    dp: Annotated[bool | None, typer.Option("--dp/--no-dp", help="DP-SGD on every site")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="0 = calibrate from --target-epsilon")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="per-sample clipping bound")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="epsilon to calibrate noise to")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta")] = None,
+    privacy_horizon_rounds: Annotated[int | None, typer.Option(help="rounds the calibration covers")] = None,
+    epsilon_budget: Annotated[float | None, typer.Option(help="per-site budget (0 = target)")] = None,
+    accountant: Annotated[str | None, typer.Option(help="rdp | prv")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="any run-config key=value; repeatable")] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the simulation is stopped")] = 3600.0,
@@ -177,6 +185,14 @@ def simulate(
         "local-epochs": local_epochs,
         "batch-size": batch_size,
         "seed": seed,
+        "dp": dp,
+        "noise-multiplier": noise_multiplier,
+        "max-grad-norm": max_grad_norm,
+        "target-epsilon": target_epsilon,
+        "delta": delta,
+        "privacy-horizon-rounds": privacy_horizon_rounds,
+        "epsilon-budget": epsilon_budget,
+        "accountant": accountant,
     }
     raw: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     raw.update(parse_assignment(item) for item in set_ or [])
@@ -208,9 +224,11 @@ def simulate(
     summary = json.loads(summary_path.read_text())
     plot_convergence(summary, out_dir / "convergence.png")
     final = summary["final"]
+    privacy = summary.get("privacy")
+    spent = f", epsilon max {privacy['epsilon_max']:.2f} (delta {privacy['delta']:g})" if privacy else ""
     typer.echo(
         f"stamen: {summary['rounds_completed']} rounds, final accuracy {final['accuracy']:.4f} "
-        f"(loss {final['loss']:.4f}, {final['source']}), wall {wall:.1f}s -> {out_dir}"
+        f"(loss {final['loss']:.4f}, {final['source']}){spent}, wall {wall:.1f}s -> {out_dir}"
     )
 
 

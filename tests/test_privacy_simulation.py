@@ -1,0 +1,62 @@
+"""DP in a real simulation: budgets are enforced, refusals counted, the run completes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_sites_refuse_past_their_budget_and_the_run_completes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    budget = 4.8  # with sigma 1.0, q ~ 1/15, 30 steps a round: ~3.4 after one round, ~4.4 after two, ~5.1 after three
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations",
+            "simulate",
+            "--clients",
+            "3",
+            "--rounds",
+            "4",
+            "--dataset",
+            "digits",
+            "--local-epochs",
+            "2",
+            "--dp",
+            "--noise-multiplier",
+            "1.0",
+            "--epsilon-budget",
+            str(budget),
+            "--set",
+            "min-partition-size=10",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--timeout",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+    privacy = summary["privacy"]
+    assert privacy["refused"] == 6, "every site trains rounds 1-2 and refuses rounds 3-4"
+    assert [row["refused"] for row in summary["history"]] == [0, 0, 3, 3]
+    assert set(privacy["per_client"]) == {"site-0000", "site-0001", "site-0002"}
+    for site, entry in privacy["per_client"].items():
+        assert entry["rounds"] == 2, site
+        assert 3.0 < entry["epsilon"] <= budget, site
+        assert entry["noise_multiplier"] == 1.0
+        ledger = json.loads((out / "sites" / site / "privacy_ledger.json").read_text())["data"]
+        assert sum(step for *_, step in ledger["history"]) == entry["steps"]
+    assert privacy["epsilon_max"] <= budget
+    assert summary["history"][-1]["epsilon_max"] == privacy["epsilon_max"]
