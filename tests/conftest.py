@@ -1,8 +1,12 @@
-"""Shared fixtures: Flower instruction messages as a running ServerApp would stamp them."""
+"""Shared fixtures: Flower instruction messages as a running ServerApp would stamp them, and a
+helper that runs ``stamen simulate`` in a real process."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from flwr.app import Message, MessageType, RecordDict
@@ -30,3 +34,32 @@ def instruction(serverapp_identity: None) -> Callable[..., Message]:
         return Message(RecordDict(), dst_node_id=node_id, message_type=message_type, group_id=str(server_round))
 
     return make
+
+
+def run_stamen_simulate(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``stamen simulate ARGS --out OUT`` as a user runs it (a real process); asserts exit 0."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations",
+            "simulate",
+            *args,
+            "--out",
+            str(out),
+            "--no-progress",
+            "--timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def stamen_simulate() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """:func:`run_stamen_simulate`, for tests that start a simulation."""
+    return run_stamen_simulate

@@ -3,49 +3,37 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 
 @pytest.mark.slow
-def test_sites_refuse_past_their_budget_and_the_run_completes(tmp_path: Path) -> None:
+def test_sites_refuse_past_their_budget_and_the_run_completes(
+    tmp_path: Path, stamen_simulate: Callable[..., Any]
+) -> None:
     out = tmp_path / "run"
     budget = 4.8  # with sigma 1.0, q ~ 1/15, 30 steps a round: ~3.4 after one round, ~4.4 after two, ~5.1 after three
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations",
-            "simulate",
-            "--clients",
-            "3",
-            "--rounds",
-            "4",
-            "--dataset",
-            "digits",
-            "--local-epochs",
-            "2",
-            "--dp",
-            "--noise-multiplier",
-            "1.0",
-            "--epsilon-budget",
-            str(budget),
-            "--set",
-            "min-partition-size=10",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--timeout",
-            "300",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=360,
+    stamen_simulate(
+        out,
+        "--clients",
+        "3",
+        "--rounds",
+        "4",
+        "--dataset",
+        "digits",
+        "--local-epochs",
+        "2",
+        "--dp",
+        "--noise-multiplier",
+        "1.0",
+        "--epsilon-budget",
+        str(budget),
+        "--set",
+        "min-partition-size=10",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
     privacy = summary["privacy"]

@@ -98,8 +98,10 @@ def test_only_the_good_reply_is_aggregated_and_the_others_are_counted(instructio
 
 def test_weighted_mean_weights_by_num_examples(instruction: MakeInstruction) -> None:
     a, b = update(4), update(5)
-    replies = [train_reply(instruction(11), "site-a", a, num_examples=10),
-               train_reply(instruction(12), "site-b", b, num_examples=30)]
+    replies = [
+        train_reply(instruction(11), "site-a", a, num_examples=10),
+        train_reply(instruction(12), "site-b", b, num_examples=30),
+    ]
     screened = screen_round(replies, {11: "site-a", 12: "site-b"}, "train", REFERENCE)
     mean = weighted_mean(screened.good)
     for key in REFERENCE:  # 10 and 30 examples: weights 1/4 and 3/4
@@ -186,8 +188,16 @@ def test_second_array_record_is_rejected(instruction: MakeInstruction) -> None:
         (train_metrics(num_examples=-3), "bad_metrics"),
         (train_metrics(num_examples=2.5), "bad_metrics"),
     ],
-    ids=["nan-loss", "inf-norm", "missing-key", "extra-key", "eval-keys", "zero-examples", "negative-examples",
-         "fractional-examples"],
+    ids=[
+        "nan-loss",
+        "inf-norm",
+        "missing-key",
+        "extra-key",
+        "eval-keys",
+        "zero-examples",
+        "negative-examples",
+        "fractional-examples",
+    ],
 )
 def test_bad_metrics_are_rejected(instruction: MakeInstruction, metrics: dict[str, float], reason: str) -> None:
     msg = make_reply(instruction(), "site-a", Status.OK, arrays=arrays_to_record(update(0)), metrics=metrics)
@@ -340,8 +350,12 @@ def test_load_arrays_into_wrapped_model() -> None:
 def test_update_from_wrapped_model_passes_screening(instruction: MakeInstruction) -> None:
     torch.manual_seed(0)
     reference = model_to_arrays(Tiny())
-    msg = make_reply(instruction(), "site-a", Status.OK,
-                     arrays=arrays_to_record(model_to_arrays(GradSampleModule(Tiny()))), metrics=train_metrics())
+    msg = make_reply(
+        instruction(),
+        "site-a",
+        Status.OK,
+        arrays=arrays_to_record(model_to_arrays(GradSampleModule(Tiny()))),
+        metrics=train_metrics(),
+    )
     reply = screen_reply(msg, "train", expected_site="site-a", reference=reference)
     assert list(reply.content["arrays"].keys()) == list(reference)
-

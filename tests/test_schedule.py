@@ -147,8 +147,18 @@ def one_torch_thread() -> Iterator[None]:
 def test_train_local_follows_the_global_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     # 50 examples in micro-batches of 8: 7 micro-batches per epoch; optimizer steps after
     # micro-batches 3, 6 and 7 (accum 3, last one short), so 3 per epoch and 6 per round.
-    c = cfg(num_server_rounds=4, warmup_rounds=1, lr=0.1, lr_min_factor=0.1, batch_size=8, accum_steps=3,
-            local_epochs=2, momentum=0.0, device="cpu", precision="fp32")
+    c = cfg(
+        num_server_rounds=4,
+        warmup_rounds=1,
+        lr=0.1,
+        lr_min_factor=0.1,
+        batch_size=8,
+        accum_steps=3,
+        local_epochs=2,
+        momentum=0.0,
+        device="cpu",
+        precision="fp32",
+    )
     steps = 6
     progress: list[float] = []
     used: list[float] = []
@@ -171,8 +181,9 @@ def test_train_local_follows_the_global_schedule(monkeypatch: pytest.MonkeyPatch
     for server_round in range(1, 5):
         progress.clear()
         used.clear()
-        result = train_module.train_local(model, x, y, c, server_round=server_round, seed=server_round,
-                                          device=torch.device("cpu"))
+        result = train_module.train_local(
+            model, x, y, c, server_round=server_round, seed=server_round, device=torch.device("cpu")
+        )
         assert result.steps == steps
         # Global progress: round r's steps continue where round r - 1 ended, never from 0.
         assert progress == pytest.approx([server_round - 1 + k / steps for k in range(1, steps + 1)], abs=1e-12)

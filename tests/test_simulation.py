@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.numpy import load_file
@@ -31,34 +31,10 @@ def _ray_processes() -> set[int]:
 
 
 @pytest.mark.slow
-def test_three_sites_three_rounds_on_digits(tmp_path: Path) -> None:
+def test_three_sites_three_rounds_on_digits(tmp_path: Path, stamen_simulate: Callable[..., Any]) -> None:
     before = _ray_processes()
     out = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations",
-            "simulate",
-            "--clients",
-            "3",
-            "--rounds",
-            "3",
-            "--dataset",
-            "digits",
-            "--local-epochs",
-            "2",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--timeout",
-            "300",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=360,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = stamen_simulate(out, "--clients", "3", "--rounds", "3", "--dataset", "digits", "--local-epochs", "2")
     assert "final accuracy" in result.stdout
 
     summary = json.loads((out / "summary.json").read_text())
