@@ -32,6 +32,7 @@ from common.models import build_model, resolve_model_name
 from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, screen_reply
 from common.runrecord import build_run_record, derive_seeds, write_run_record
 from server.evaluate import evaluate_centrally, load_server_data
+from server.observe import RoundObserver
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
 from server.strategy.factory import make_server_optimizer
@@ -140,6 +141,7 @@ class Federation:
         self.best = Best()
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
+        self.observer = RoundObserver(cfg)
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
@@ -163,7 +165,9 @@ class Federation:
             )
             for s in sites
         ]
-        return list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        replies = list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        self.observer.traffic(messages, replies)
+        return replies
 
     def _federated_eval(self, server_round: int, nodes: dict[str, int]) -> dict[str, float]:
         every = int(self.cfg["eval-every"])
@@ -197,6 +201,7 @@ class Federation:
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
         self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        row.update(self.observer.replies(server_round, screened.good, screened.rejected))
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
@@ -213,7 +218,9 @@ class Federation:
             row["updated"] = False
             return row
         aggregate = weighted_mean(screened.good)
+        before = self.arrays
         self.arrays = self.optimizer.step(self.arrays, aggregate, server_round)
+        row.update(self.observer.updates(before, screened.good, self.arrays))
         row.update(
             updated=True,
             train_loss=_weighted(screened.good, "train-loss"),
@@ -235,6 +242,7 @@ class Federation:
             nodes = self.directory.refresh()
             if not nodes:
                 raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
+            self.observer.start_round(server_round, len(nodes))
             row = {"round": server_round, **self._train_round(server_round, nodes)}
             if row["updated"]:
                 empty = 0
@@ -259,6 +267,7 @@ class Federation:
             row["elapsed"] = time.monotonic() - start
             if row["accuracy"] > self.best.accuracy:
                 self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays))
+            self.observer.end_round(row)
             self.outputs.add_round(row)
             completed = server_round
             if self.on_round:
@@ -289,6 +298,7 @@ class Federation:
             "handshake_rejected": dict(self.directory.rejected),
             "seconds": seconds,
             "model": self.model_name,
+            "drift": self.observer.finish(),
         }
         if self.cfg["dp"]:
             eps = [p["epsilon"] for p in self.privacy.values()]
