@@ -21,7 +21,8 @@ from client.data import SiteData, load_site_data
 from client.dp import dp_schedule, train_private
 from client.drift import site_drift
 from client.label_shift import apply_label_shift
-from client.ledger import PrivacyLedger, calibrate_noise
+from client.ledger import OverBudget, PrivacyLedger, calibrate_noise
+from client.release import released_count
 from client.train import pick_device, round_seed, train_local
 from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
@@ -61,6 +62,14 @@ class Instruction:
             record_to_arrays(msg.content.array_records["arrays"]) if "arrays" in msg.content.array_records else None
         )
 
+    @property
+    def public_stats(self) -> bool:
+        """Whether raw-record statistics may leave this DP site: the node's own setting wins over the run's."""
+        value = self.node_config.get("dp-public-stats", self.cfg["dp-public-stats"])
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes")
+        return bool(value)
+
     def data(self) -> SiteData:
         return load_site_data(self.node_config, self.cfg)
 
@@ -93,11 +102,12 @@ def _error_reply(msg: Message, context: Context, exc: StamenError) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Identity handshake: who this site is and how much data it holds."""
+    """Identity handshake: who this site is and (with DP off) how much data it holds."""
     try:
         site_id = site_id_from_node_config(context.node_config)
         ins = Instruction(msg, context)
-        return make_reply(msg, site_id, Status.OK, metrics={"num-examples": ins.data().num_train})
+        metrics = {"num-examples": ins.data().num_train} if not ins.cfg["dp"] or ins.public_stats else {}
+        return make_reply(msg, site_id, Status.OK, metrics=metrics)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
 
@@ -171,11 +181,30 @@ def _train_private(
     cfg = ins.cfg
     delta, accountant = float(cfg["delta"]), str(cfg["accountant"])
     budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
-    rate, steps = dp_schedule(data.num_train, cfg)
-    sigma = float(cfg["noise-multiplier"]) or calibrate_noise(
-        float(cfg["target-epsilon"]), delta, rate, steps, int(cfg["privacy-horizon-rounds"]), accountant
-    )
     ledger = PrivacyLedger.load(store, accountant)
+    try:
+        count = released_count(
+            store,
+            ledger,
+            data.y_train,
+            noise_multiplier=float(cfg["dp-stats-noise"]),
+            seed=seed,
+            budget=budget,
+            delta=delta,
+        )
+        drift = _drift(ins, data, store, seed, ledger)
+    except OverBudget as exc:
+        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
+    rate, steps = dp_schedule(count, cfg)
+    sigma = float(cfg["noise-multiplier"]) or calibrate_noise(
+        float(cfg["target-epsilon"]),
+        delta,
+        rate,
+        steps,
+        int(cfg["privacy-horizon-rounds"]),
+        accountant,
+        ledger.releases,
+    )
     reason = ledger.refusal(sigma, rate, steps, delta, budget)
     if reason:
         return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=reason)
@@ -189,18 +218,24 @@ def _train_private(
         device=device,
         noise_multiplier=sigma,
         max_grad_norm=float(cfg["max-grad-norm"]),
+        planned_examples=count,
         accountant_name=accountant,
     )
     result.commit(ledger)
     _record_participation(store, ins, result.num_examples)
     metrics = {
         **result.metrics(),
+        **drift,
+        "num-examples": count,
         "epsilon": ledger.epsilon(delta),
         "noise-multiplier": sigma,
         "sample-rate": result.sample_rate,
         "ledger-steps": ledger.steps,
         "ledger-rounds": ledger.rounds,
+        "ledger-releases": len(ledger.releases),
     }
+    if not ins.public_stats:
+        del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
 
 
@@ -209,6 +244,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
         ins = Instruction(msg, context)
+        if ins.cfg["dp"] and not ins.public_stats:
+            raise ConfigError(
+                "evaluation statistics of a DP site are not noised: it takes part in federated evaluation "
+                "only with dp-public-stats = true"
+            )
         data = ins.data()
         if data.num_holdout == 0:
             raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")

@@ -103,8 +103,10 @@ def weighted_mean(replies: list[SiteReply]) -> dict[str, np.ndarray]:
 
 
 def _weighted(replies: list[SiteReply], key: str) -> float:
-    total = sum(r.metrics["num-examples"] for r in replies)
-    return sum(r.metrics[key] * r.metrics["num-examples"] for r in replies) / total if total else math.nan
+    """Example-weighted mean of an optional metric over the replies that sent it (NaN if none did)."""
+    sent = [r for r in replies if key in r.metrics]
+    total = sum(r.metrics["num-examples"] for r in sent)
+    return sum(r.metrics[key] * r.metrics["num-examples"] for r in sent) / total if total else math.nan
 
 
 class Federation:
@@ -174,6 +176,8 @@ class Federation:
         last = server_round == int(self.cfg["num-server-rounds"])
         if float(self.cfg["holdout-fraction"]) == 0 or not (last or (every and server_round % every == 0)):
             return {}
+        if self.cfg["dp"] and not self.cfg["dp-public-stats"]:
+            return {}  # a DP site's evaluation statistics are not noised (common/boundary.py)
         sites = self.sampler.sample(nodes, float(self.cfg["fraction-evaluate"]))
         screened = screen_round(
             self._send(sites, nodes, "evaluate", server_round), {nodes[s]: s for s in sites}, "evaluate", None
@@ -205,12 +209,17 @@ class Federation:
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
+                seen = self.privacy.get(reply.site_id, {}).get("history", [])
                 self.privacy[reply.site_id] = {
                     "epsilon": m["epsilon"],
                     "noise_multiplier": m["noise-multiplier"],
                     "sample_rate": m["sample-rate"],
                     "steps": int(m["ledger-steps"]),
                     "rounds": int(m["ledger-rounds"]),
+                    "releases": int(m["ledger-releases"]),
+                    "release_noise_multiplier": float(self.cfg["dp-stats-noise"]),
+                    # [noise multiplier, sample rate, steps] of every round this run saw the site train
+                    "history": [*seen, [m["noise-multiplier"], m["sample-rate"], int(m["steps"])]],
                 }
         if self.cfg["dp"]:
             row["epsilon_max"] = max((p["epsilon"] for p in self.privacy.values()), default=0.0)
@@ -221,13 +230,12 @@ class Federation:
         before = self.arrays
         self.arrays = self.optimizer.step(self.arrays, aggregate, server_round)
         row.update(self.observer.updates(before, screened.good, self.arrays))
-        row.update(
-            updated=True,
-            train_loss=_weighted(screened.good, "train-loss"),
-            grad_norm=_weighted(screened.good, "grad-norm"),
-            lr=max(r.metrics["lr"] for r in screened.good),
-            server_buffer_norm=self.optimizer.buffer_norm(),
-        )
+        row.update(updated=True, lr=max(r.metrics["lr"] for r in screened.good))
+        for column, key in (("train_loss", "train-loss"), ("grad_norm", "grad-norm")):
+            value = _weighted(screened.good, key)
+            if not math.isnan(value):
+                row[column] = value
+        row["server_buffer_norm"] = self.optimizer.buffer_norm()
         return row
 
     def run(self) -> dict[str, Any]:
@@ -307,6 +315,7 @@ class Federation:
                 "epsilon_max": max(eps, default=0.0),
                 "epsilon_mean": sum(eps) / len(eps) if eps else 0.0,
                 "accountant": str(self.cfg["accountant"]),
+                "budget": self.cfg.epsilon_budget,
                 "refused": self.totals["refused"],
                 "per_client": dict(sorted(self.privacy.items())),
             }

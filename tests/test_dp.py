@@ -54,7 +54,16 @@ def _cfg(**changes: object) -> StamenConfig:
 def _train(model: nn.Module, cfg: StamenConfig, server_round: int = 1, seed: int = 7) -> DPTrainResult:
     x, y = _data()
     return train_private(
-        model, x, y, cfg, server_round=server_round, seed=seed, device=CPU, noise_multiplier=SIGMA, max_grad_norm=1.0
+        model,
+        x,
+        y,
+        cfg,
+        server_round=server_round,
+        seed=seed,
+        device=CPU,
+        noise_multiplier=SIGMA,
+        max_grad_norm=1.0,
+        planned_examples=len(y),
     )
 
 
