@@ -70,9 +70,10 @@ def plot_drift(summary: dict[str, Any], path: Path) -> Path:
     drift = summary.get("drift", {})
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax_data, ax_cos, ax_norm, ax_concept = axes.ravel()
-    for site, series in drift.get("per_site", {}).items():
-        if "label_psi" in series:
-            ax_data.plot(series["round"], series["label_psi"], lw=0.8, alpha=0.5, label=f"{site} label PSI")
+    sites = [series for series in drift.get("per_site", {}).values() if "label_psi" in series]
+    for i, series in enumerate(sites):
+        label = "label PSI per site" if i == 0 else None
+        ax_data.plot(series["round"], series["label_psi"], lw=0.8, alpha=0.5, label=label)
     maxima = (("drift_label_psi_max", "max label PSI"), ("drift_feature_psi_max", "max feature PSI"))
     _plot(ax_data, history, maxima, lw=2)
     ax_data.axhline(drift.get("psi_threshold", 0.2), color="red", ls="--", lw=1, label="alert threshold")
