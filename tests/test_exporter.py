@@ -16,10 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
 from common.config import StamenConfig
 from common.errors import ConfigError
 from server.exporter import OTHER, Exporter, metrics_url
+from simulations.cli import app
 
 
 def _exporter(**changes: object) -> Exporter:
@@ -166,3 +168,26 @@ def test_tls_needs_both_files_and_they_must_exist(tmp_path: Path) -> None:
                 "metrics-keyfile": str(tmp_path / "no.key"),
             }
         )
+
+
+def test_simulate_refuses_a_taken_metrics_port_before_starting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            app,
+            [
+                "simulate",
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+                "--dataset",
+                "digits",
+                "--metrics-port",
+                str(port),
+            ],
+        )
+    assert result.exit_code == 2, result.output
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
