@@ -142,7 +142,12 @@ class Federation:
         self.data = load_server_data(cfg)
         self.model_name = resolve_model_name(str(cfg["model"]), self.data.input_shape)
         self.model = build_model(
-            self.model_name, self.data.input_shape, self.data.num_classes, seed=self.seeds["model_init"]
+            self.model_name,
+            self.data.input_shape,
+            self.data.num_classes,
+            seed=self.seeds["model_init"],
+            dp=bool(cfg["dp"]),
+            fix=bool(cfg["dp-fix-model"]),
         )
         self.arrays = model_to_arrays(self.model)
         self.optimizer = make_server_optimizer(
