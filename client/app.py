@@ -38,9 +38,9 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=4)
-def _model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+def _model(name: str, input_shape: tuple[int, ...], num_classes: int, dp: bool, fix: bool) -> torch.nn.Module:
     """One model object per architecture and process; weights are loaded every call."""
-    return build_model(name, input_shape, num_classes)
+    return build_model(name, input_shape, num_classes, dp=dp, fix=fix)
 
 
 class Instruction:
@@ -83,7 +83,9 @@ class Instruction:
     def model(self) -> torch.nn.Module:
         if self.arrays is None:
             raise ConfigError("instruction carries no model arrays")
-        model = _model(self.model_name, self.input_shape, self.num_classes)
+        model = _model(
+            self.model_name, self.input_shape, self.num_classes, bool(self.cfg["dp"]), bool(self.cfg["dp-fix-model"])
+        )
         load_arrays(model, self.arrays)
         return model
 

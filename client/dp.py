@@ -39,7 +39,6 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
@@ -48,6 +47,7 @@ from client.ledger import PrivacyLedger, check_accountant
 from client.train import TrainResult, autocast_dtype, make_optimizer
 from common.config import StamenConfig
 from common.errors import ConfigError
+from common.models import check_private_model
 from common.schedule import lr_at
 
 # Per-sample gradients by Opacus's hooks. Measured on CPU (cnn28, 400 examples, one thread),
@@ -86,30 +86,6 @@ def dp_schedule(num_examples: int, cfg: StamenConfig) -> tuple[float, int]:
     return rate, int(cfg["local-epochs"]) * int(1 / rate)
 
 
-def check_private_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
-    """``model`` if Opacus can train it (``fix``: a fixed copy, e.g. BatchNorm -> GroupNorm).
-
-    A fixed model has other parameters, so fix where the model is built, on every site
-    and the server alike, not per round.
-    """
-    if fix:
-        model = ModuleValidator.fix(model)
-    was_training = model.training
-    try:
-        _validate(model.train())
-    finally:
-        model.train(was_training)
-    return model
-
-
-def _validate(model: nn.Module) -> None:
-    """Opacus's checks of a model in training mode, as one ConfigError listing every problem."""
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        listed = "; ".join(str(e) for e in errors)
-        raise ConfigError(f"model {type(model).__name__} cannot be trained with DP-SGD (Opacus): {listed}")
-
-
 def train_private(
     model: nn.Module,
     x: torch.Tensor,
@@ -143,7 +119,7 @@ def train_private(
     batch_size, accum, epochs = int(cfg["batch-size"]), int(cfg["accum-steps"]), int(cfg["local-epochs"])
 
     work = copy.deepcopy(model).to(device).train()
-    _validate(work)
+    check_private_model(work)
     rate, _ = dp_schedule(planned_examples, cfg)
     loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate, generator=torch.Generator().manual_seed(seed))
     with warnings.catch_warnings():

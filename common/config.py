@@ -157,6 +157,12 @@ KEYS: tuple[Key, ...] = (
     Key("epsilon-budget", float, 0.0, "per-site epsilon budget (0 = target-epsilon)", _nonneg, ">= 0"),
     Key("accountant", str, "rdp", "privacy accountant", *_choice("rdp", "prv")),
     Key(
+        "dp-fix-model",
+        bool,
+        False,
+        "with dp: let Opacus fix a model it cannot train (e.g. BatchNorm -> GroupNorm) on server and sites alike",
+    ),
+    Key(
         "dp-stats-noise",
         float,
         10.0,

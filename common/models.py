@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 
@@ -114,8 +115,21 @@ def _user_builder(spec: str) -> Builder:
     return builder
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None) -> nn.Module:
-    """Construct a model; with ``seed`` its initial weights are reproducible."""
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    seed: int | None = None,
+    dp: bool = False,
+    fix: bool = False,
+) -> nn.Module:
+    """Construct a model; with ``seed`` its initial weights are reproducible.
+
+    With ``dp`` the model must pass Opacus's validator (``fix``: fixed by it, e.g.
+    BatchNorm -> GroupNorm). Server and sites build through here with the same flags, so
+    a fixed model has the same parameters everywhere.
+    """
     resolved = resolve_model_name(name, input_shape)
     if ":" in resolved:
         builder = _user_builder(resolved)
@@ -132,7 +146,31 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
         model = builder(tuple(input_shape), num_classes)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {name!r} did not build a torch.nn.Module")
+    return check_private_model(model, fix=fix) if dp else model
+
+
+def check_private_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
+    """``model`` if Opacus can train it (``fix``: a fixed copy, e.g. BatchNorm -> GroupNorm).
+
+    A fixed model has other parameters, so fix where the model is built (:func:`build_model`),
+    on every site and the server alike, not per round.
+    """
+    if fix:
+        model = ModuleValidator.fix(model)
+    was_training = model.training
+    try:
+        _validate(model.train())
+    finally:
+        model.train(was_training)
     return model
+
+
+def _validate(model: nn.Module) -> None:
+    """Opacus's checks of a model in training mode, as one ConfigError listing every problem."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        listed = "; ".join(str(e) for e in errors)
+        raise ConfigError(f"model {type(model).__name__} cannot be trained with DP-SGD (Opacus): {listed}")
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ def derive_seeds(seed: int) -> dict[str, int]:
         "sampling": seed + 1,
         "partition": seed + 2,
         "client": seed + 3,
-        "drift": seed + 4,
+        "server_noise": seed + 4,
+        "drift": seed + 5,
     }
 
 

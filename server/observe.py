@@ -48,6 +48,9 @@ class RoundObserver:
         self.exporter = Exporter(cfg)
         self.drift = DriftWatch(cfg)
         self.budget = cfg.epsilon_budget if cfg["dp"] else None
+        # Client-level DP on the server covers the released models, not figures of single
+        # sites' unclipped updates: with it, only the model's own change is measured.
+        self.site_update_stats = not float(cfg["server-dp-clip"])
         self.epsilon: dict[str, float] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -99,8 +102,10 @@ class RoundObserver:
 
     def updates(self, before: Arrays, good: list[SiteReply], after: Arrays) -> dict[str, Any]:
         """Update norms and agreement of the round's sites, and the global model's change."""
-        models = [record_to_arrays(r.content.array_records["arrays"]) for r in good if r.content is not None]
-        stats = update_statistics(before, models, [r.metrics.get("num-examples", 1.0) for r in good])
+        stats: dict[str, Any] = {}
+        if self.site_update_stats:
+            models = [record_to_arrays(r.content.array_records["arrays"]) for r in good if r.content is not None]
+            stats = update_statistics(before, models, [r.metrics.get("num-examples", 1.0) for r in good])
         for norm in stats.pop("site_update_norms", []):
             self.exporter.update_norm.observe(norm)
         stats["model_change_norm"] = change_norm(before, after)
