@@ -62,6 +62,7 @@ GAUGES: dict[str, str] = {
     "stamen_epsilon_mean": "mean cumulative epsilon over the sites",
     "stamen_epsilon_budget": "the per-site epsilon budget of the run",
     "stamen_epsilon_budget_remaining_min": "smallest remaining epsilon budget over the sites",
+    "stamen_server_epsilon": "epsilon of client-level DP on the server (DP-FedAvg) so far",
 }
 
 

@@ -135,6 +135,7 @@ class RoundObserver:
                 ex.eval_accuracy.labels(source).set(row[f"{prefix}_accuracy"])
         ex.set_gauge("stamen_train_loss", row.get("train_loss"))
         ex.set_gauge("stamen_server_momentum_l2_norm", row.get("server_buffer_norm"))
+        ex.set_gauge("stamen_server_epsilon", row.get("server_epsilon"))
         ex.stamp_round(float(row["seconds"]))
 
     def finish(self) -> dict[str, Any]:
