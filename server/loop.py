@@ -33,6 +33,7 @@ from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, scree
 from common.runrecord import build_run_record, derive_seeds, write_run_record
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
+from server.observe import RoundObserver
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
 from server.strategy.base import ServerOptimizer
@@ -179,6 +180,7 @@ class Federation:
         self.best = Best()
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
+        self.observer = RoundObserver(cfg)
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
@@ -202,7 +204,9 @@ class Federation:
             )
             for s in sites
         ]
-        return list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        replies = list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        self.observer.traffic(messages, replies)
+        return replies
 
     def _federated_eval(self, server_round: int, nodes: dict[str, int]) -> dict[str, float]:
         every = int(self.cfg["eval-every"])
@@ -242,6 +246,7 @@ class Federation:
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
         self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        row.update(self.observer.replies(server_round, screened.good, screened.rejected))
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
@@ -265,9 +270,11 @@ class Federation:
         # With client-level DP every round releases a noisy model, however many sites replied:
         # skipping on a count would make the release depend on who took part.
         expected = fraction * len(nodes) if self.poisson else len(sites)
+        before = self.arrays
         self.arrays = server_update(
             self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12)
         )
+        row.update(self.observer.updates(before, screened.good, self.arrays))
         if self.server_dp is not None:
             row["server_epsilon"] = self.server_dp.epsilon(float(self.cfg["delta"]))
         row["updated"] = True
@@ -292,6 +299,7 @@ class Federation:
             nodes = self.directory.refresh()
             if not nodes:
                 raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
+            self.observer.start_round(server_round, len(nodes))
             row = {"round": server_round, **self._train_round(server_round, nodes)}
             if row["replied"] >= int(self.cfg["min-train-sites"]):
                 empty = 0
@@ -316,6 +324,7 @@ class Federation:
             row["elapsed"] = time.monotonic() - start
             if row["accuracy"] > self.best.accuracy:
                 self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays))
+            self.observer.end_round(row)
             self.outputs.add_round(row)
             completed = server_round
             if self.on_round:
@@ -346,6 +355,7 @@ class Federation:
             "handshake_rejected": dict(self.directory.rejected),
             "seconds": seconds,
             "model": self.model_name,
+            "drift": self.observer.finish(),
         }
         if self.cfg["dp"]:
             eps = [p["epsilon"] for p in self.privacy.values()]
