@@ -20,11 +20,13 @@ from flwr.clientapp import ClientApp
 from client.data import SiteData, load_site_data
 from client.dp import dp_schedule, train_private
 from client.ledger import PrivacyLedger, calibrate_noise
+from client.releases import ReleaseLog, release_digest
 from client.train import pick_device, round_seed, train_local
 from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from common.errors import ConfigError, StamenError
 from common.identity import site_id_from_node_config
+from common.instruction import check_schema_header
 from common.models import build_model, evaluate_model
 from common.reply import Status, make_reply
 from common.runrecord import derive_seeds
@@ -48,6 +50,7 @@ class Instruction:
         if record is None:
             raise ConfigError("instruction has no 'config' record")
         raw: dict[str, Any] = dict(record)
+        check_schema_header(raw)
         self.server_round = int(raw.pop("server-round", 0))
         self.model_name = str(raw.pop("model-name", "auto"))
         self.input_shape = tuple(int(v) for v in raw.pop("model-input-shape", []))
@@ -170,7 +173,15 @@ def _train_private(
         max_grad_norm=float(cfg["max-grad-norm"]),
         accountant_name=accountant,
     )
-    result.commit(ledger)
+    # A redone round (the server resumed from an older checkpoint) re-sends the identical
+    # update: already charged, so not charged again (client/releases.py). Charge, then record.
+    releases = ReleaseLog(store)
+    digest = release_digest(model_to_arrays(model), result.metrics())
+    if digest in releases:
+        log.info("site %s round %d: identical update already released and charged", ins.site_id, ins.server_round)
+    else:
+        result.commit(ledger)
+        releases.add(digest)
     _record_participation(store, ins, result.num_examples)
     metrics = {
         **result.metrics(),

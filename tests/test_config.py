@@ -112,7 +112,7 @@ def test_unknown_keys_pass_when_not_strict() -> None:
 @pytest.mark.parametrize(
     ("key", "raw"),
     [
-        ("num-server-rounds", 0),
+        ("num-server-rounds", -1),
         ("fraction-train", 0.0),
         ("fraction-train", 1.5),
         ("fraction-evaluate", -0.1),
