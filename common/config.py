@@ -110,7 +110,7 @@ KEYS: tuple[Key, ...] = (
         "versions-keep",
         int,
         20,
-        "model files kept for the newest N versions, besides best, released and rollback targets (0 = all)",
+        "model files kept for the newest N versions, besides the best and every released one (0 = all)",
         lambda v: v >= 0,
         ">= 0",
     ),

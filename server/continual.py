@@ -140,8 +140,7 @@ class ContinualRun:
             self.best.round,
             reason,
         )
-        if self.version in {e["version"] for e in self.registry.entries}:
-            self.registry.rolled_back(self.version)
+        event["versions_rolled_back"] = self.registry.roll_back(self.version, self.best.version)
         self.arrays = dict(self.best.arrays)
         self.optimizer.reset()
         self.version = self.best.version

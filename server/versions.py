@@ -133,10 +133,17 @@ class VersionRegistry:
         self._prune({version, best})
         self._write()
 
-    def rolled_back(self, version: int) -> None:
-        """Mark ``version`` as diverged and left behind by a rollback."""
-        self.entry(version)["status"] = "rolled_back"
+    def roll_back(self, current: int, target: int) -> list[int]:
+        """Mark the versions from ``current`` back to (not including) ``target`` as rolled back."""
+        known = {e["version"]: e for e in self.entries}
+        left: list[int] = []
+        version = current
+        while version in known and version != target:
+            known[version]["status"] = "rolled_back"
+            left.append(version)
+            version = known[version]["parent"]
         self._write()
+        return left
 
     def _prune(self, protected: set[int]) -> None:
         if self.keep == 0:

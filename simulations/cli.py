@@ -3,7 +3,8 @@
 Bad input ends with one clear line naming the problem and exit code 2, never a
 traceback. A simulation runs in a child process in its own process group, under a
 timeout; whatever happens, the group (Ray's processes included) is stopped before the
-command returns.
+command returns. A SIGTERM or Ctrl-C (or the timeout) first asks the run to stop after its
+current round, with a checkpoint; ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def run_simulation_process(
 ) -> int:
     """Run the engine child under ``timeout``; follow progress.jsonl; stop its group.
 
-    A SIGTERM or SIGINT to this command (or the timeout) is passed on as one SIGTERM to the
+    A SIGTERM or SIGINT to this command is passed on (the timeout as a SIGTERM) to the
     engine process alone, so the ServerApp finishes its round and checkpoints while Ray's
     clients keep serving it; after ``stop_grace`` seconds, or at a second signal, the whole
     process group is stopped. Returns the child's exit code, 124 on timeout, or 128 + the
@@ -140,7 +141,7 @@ def run_simulation_process(
                         timed_out = not signals.count
                         why = signals.last or f"--timeout {timeout:.0f}s"
                         console.print(f"{why}: stopping after the current round (again to stop now)", highlight=False)
-                        os.kill(proc.pid, signal.SIGTERM)
+                        os.kill(proc.pid, signal.Signals[signals.last] if signals.last else signal.SIGTERM)
                         kill_at = time.monotonic() + stop_grace
                     time.sleep(0.25)
                     if progress_file.exists():
@@ -271,6 +272,8 @@ def simulate(
         tail = (out_dir / "simulation.log").read_text(errors="replace").splitlines()[-25:]
         console.print("\n".join(tail), highlight=False, markup=False)
         console.print(f"[bold red]error:[/] simulation failed (exit {rc}); full log: {out_dir / 'simulation.log'}")
+        if (out_dir / "checkpoints").is_dir():
+            console.print(f"its checkpoints are kept; continue with: stamen simulate --resume {out_dir}")
         raise typer.Exit(1)
     from simulations.plots import plot_convergence
 

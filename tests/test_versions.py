@@ -121,3 +121,12 @@ def test_the_versions_commands(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "no model version 7" in " ".join(bad.output.split())
     missing = runner.invoke(app, ["versions", "list", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "has no model versions" in " ".join(missing.output.split())
+
+
+def test_a_rollback_marks_the_abandoned_line_back_to_the_target(tmp_path: Path) -> None:
+    registry = _registry(tmp_path, [0.5, 0.9, 0.2, 0.1])
+    assert registry.roll_back(4, 2) == [4, 3]
+    registry.add(5, _arrays(5), _entry(5, 2, 0.95), best=5)
+    assert [e["status"] for e in list_versions(tmp_path)] == ["ok", "ok", "rolled_back", "rolled_back", "ok"]
+    with pytest.raises(StamenError, match="status 'rolled_back'"):
+        promote(tmp_path, 3, force=True)
