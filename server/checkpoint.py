@@ -198,16 +198,23 @@ FIXED_ON_RESUME = (
     "model",
     "strategy",
     "dp",
+    "dp-fix-model",
     "accountant",
     "delta",
     "state-dir",
+    "server-dp-clip",
+    "site-sampling",
 )
+# With client-level DP on the server, its epsilon is one accountant history at one noise
+# multiplier and one site sampling rate: neither may change mid-run.
+FIXED_WITH_SERVER_DP = ("server-dp-noise", "fraction-train")
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
     """``{key: [saved, now]}`` for every key a resumed run changes; StateError for fixed keys."""
     changed = {k: [saved.get(k), v] for k, v in now.items() if k in saved and saved[k] != v}
-    fixed = sorted(k for k in changed if k in FIXED_ON_RESUME)
+    server_dp = float(saved.get("server-dp-clip", 0) or 0) > 0
+    fixed = sorted(k for k in changed if k in FIXED_ON_RESUME or (server_dp and k in FIXED_WITH_SERVER_DP))
     if fixed:
         listed = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in fixed)
         raise StateError(f"a resumed run cannot change {listed}: the checkpoint's state depends on them")

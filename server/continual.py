@@ -22,6 +22,7 @@ from common.config import StamenConfig
 from common.errors import ConfigError, StateError
 from common.identity import SiteSampler
 from server.checkpoint import Checkpoint, CheckpointStore, config_changes
+from server.dp_fedavg import DPFedAvg
 from server.evaluate import ServerData
 from server.outputs import RunOutputs
 from server.rollback import DivergenceRule, spiked_step
@@ -59,7 +60,8 @@ class ContinualRun:
     directory: SiteDirectory
     best: Best
     totals: Counter[str]
-    privacy: dict[str, dict[str, float]]
+    privacy: dict[str, dict[str, Any]]
+    server_dp: DPFedAvg | None
 
     def _init_continual(self) -> None:
         """Versions, rollback rule and checkpoints; the saved state when resuming."""
@@ -161,6 +163,7 @@ class ContinualRun:
             "totals": dict(self.totals),
             "handshake_rejected": dict(self.directory.rejected),
             "privacy": self.privacy,
+            "server_dp": None if self.server_dp is None else self.server_dp.state_dict(),
             "history": self.outputs.history,
             "rule": self.rule.state_dict(),
             "rollbacks": self.rollbacks,
@@ -200,6 +203,8 @@ class ContinualRun:
         self.totals = Counter(state["totals"])
         self.directory.rejected = Counter(state["handshake_rejected"])
         self.privacy = state["privacy"]
+        if self.server_dp is not None:
+            self.server_dp.load_state_dict(state["server_dp"])
         self.outputs.restore(state["history"])
         self.rule.load_state_dict(state["rule"])
         self.rollbacks, self.resumes = list(state["rollbacks"]), list(state["resumes"])

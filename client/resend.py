@@ -1,4 +1,4 @@
-"""What a site already released: re-sending an identical DP update costs no privacy.
+"""What a site already sent: re-sending an identical DP update costs no privacy.
 
 When a server crashes after a round's updates left the sites but before it checkpointed
 that round, the resumed server redoes the round. A DP site's ledger was charged the
@@ -11,7 +11,8 @@ the update *and* the metrics sent with it hash to exactly what was sent before; 
 else (new data, a different global model, a nondeterministic kernel) is a new release and
 is charged in full.
 
-The digests live in the site's state store (``releases.json``), newest last, capped.
+The digests live in the site's state store (``sent_updates.json``), newest last, capped.
+(Record-derived statistics have their own cache of noisy releases: :mod:`client.release`.)
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import numpy as np
 
 from common.state import SiteStore
 
-RELEASES_ENTRY = "releases"
+SENT_ENTRY = "sent_updates"
 KEEP = 256
 
 
-def release_digest(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float]) -> str:
+def update_digest(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float]) -> str:
     """SHA-256 over every array (name, dtype, shape, bytes) and every metric, in a fixed order."""
     h = hashlib.sha256()
     for name in sorted(arrays):
@@ -39,12 +40,12 @@ def release_digest(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float
     return h.hexdigest()
 
 
-class ReleaseLog:
+class SentUpdates:
     """The digests of the updates a site has sent, kept in its state store."""
 
     def __init__(self, store: SiteStore) -> None:
         self._store = store
-        self._digests: list[str] = list(store.read_json(RELEASES_ENTRY, default=[]))
+        self._digests: list[str] = list(store.read_json(SENT_ENTRY, default=[]))
 
     def __contains__(self, digest: str) -> bool:
         return digest in self._digests
@@ -52,4 +53,4 @@ class ReleaseLog:
     def add(self, digest: str) -> None:
         """Remember ``digest`` (atomically; call after the ledger is charged for it)."""
         self._digests = [*self._digests, digest][-KEEP:]
-        self._store.write_json(RELEASES_ENTRY, self._digests)
+        self._store.write_json(SENT_ENTRY, self._digests)
