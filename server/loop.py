@@ -47,6 +47,7 @@ from server.sites import SiteDirectory
 from server.stop import stop_reason, stop_requested
 from server.strategy.base import ServerOptimizer
 from server.strategy.factory import make_server_optimizer
+from server.trust import TrustPolicy
 
 log = logging.getLogger("stamen.server")
 
@@ -110,16 +111,18 @@ def server_update(
     server_round: int,
     dp: DPFedAvg | None = None,
     expected_sites: float = 0.0,
+    trust: TrustPolicy | None = None,
 ) -> dict[str, np.ndarray]:
     """The next global model: the round's aggregate (with client-level DP: clipped, summed and
     noised first), then the server optimizer's step — noise before momentum.
 
     Replies are summed in site-id order, not arrival order: float sums depend on order, and a
-    resumed run must reproduce the uninterrupted one exactly.
+    resumed run must reproduce the uninterrupted one exactly. ``trust`` picks the aggregation
+    rule and the site weights (:mod:`server.trust`); without it, the example-weighted mean.
     """
     replies = sorted(replies, key=lambda r: r.site_id)
     if dp is None:
-        aggregate = weighted_mean(replies)
+        aggregate = weighted_mean(replies) if trust is None else trust.aggregate(replies)
     else:
         models = [record_to_arrays(r.content["arrays"]) for r in replies if r.content is not None]
         aggregate = dp.aggregate(current, models, expected_sites, server_round)
@@ -166,6 +169,7 @@ class Federation(ContinualRun):
         )
         self.sampler = SiteSampler(self.seeds["sampling"])
         self.poisson = cfg["site-sampling"] == "poisson"
+        self.trust = TrustPolicy.from_config(cfg)
         self.server_dp = (
             DPFedAvg(
                 float(cfg["server-dp-clip"]),
@@ -242,6 +246,7 @@ class Federation(ContinualRun):
         screened = screen_round(
             self._send(sites, nodes, "train", server_round), {nodes[s]: s for s in sites}, "train", self.arrays
         )
+        screened.good = self.trust.screen(self.arrays, screened.good, screened.rejected)
         row: dict[str, Any] = {
             "sampled_sites": " ".join(sites),
             "sampled": len(sites),
@@ -279,7 +284,7 @@ class Federation(ContinualRun):
         expected = fraction * len(nodes) if self.poisson else len(sites)
         before = self.arrays
         self.arrays = server_update(
-            self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12)
+            self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12), self.trust
         )
         row.update(self.observer.updates(before, screened.good, self.arrays))
         self._new_version(server_round, before, [r.site_id for r in screened.good])
