@@ -14,9 +14,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client.attack import attack_of, poison_data, poison_update
 from client.data import SiteData, load_site_data
 from client.dp import dp_schedule, train_private
 from client.drift import site_drift
@@ -123,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         ins = Instruction(msg, context)
         data = apply_label_shift(ins.data(), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
+        data = poison_data(data, attack_of(ins.cfg, ins.node_config), ins.num_classes)
         model = ins.model()
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
@@ -134,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         _record_participation(store, ins, result.num_examples)
         metrics = {**result.metrics(), **_drift(ins, data, store, seed, None)}
-        return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
+        return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
 
@@ -157,6 +159,16 @@ def _drift(
         budget=float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget)),
         delta=float(cfg["delta"]),
     )
+
+
+def _sent_arrays(ins: Instruction, model: torch.nn.Module, store: SiteStore) -> ArrayRecord:
+    """The trained model as sent: honest, or transformed by a simulation's poisoning scenario."""
+    arrays = model_to_arrays(model)
+    if ins.arrays is not None:
+        arrays = poison_update(
+            attack_of(ins.cfg, ins.node_config), ins.arrays, arrays, float(ins.cfg["attack-scale"]), store
+        )
+    return arrays_to_record(arrays)
 
 
 def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
@@ -249,7 +261,7 @@ def _train_private(
     }
     if not ins.public_stats:
         del metrics["train-loss"]
-    return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
+    return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
 
 
 @app.evaluate()
