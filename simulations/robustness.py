@@ -28,9 +28,11 @@ def scenario_args(
     rounds: int = 20,
     dataset: str = "mnist5k",
     scale: float = 10.0,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """``stamen simulate`` arguments of one cell (every site trains every round)."""
-    args = ["--clients", str(clients), "--rounds", str(rounds), "--dataset", dataset, "--fraction", "1.0"]
+    """``stamen simulate`` arguments of one cell (every site trains every round); ``extra``
+    is passed on unchanged (e.g. a partition or local epochs)."""
+    args = [*extra, "--clients", str(clients), "--rounds", str(rounds), "--dataset", dataset, "--fraction", "1.0"]
     args += ["--set", f"aggregation={rule}", "--set", f"byzantine-sites={max(attackers, 1)}"]
     if attackers:
         args += ["--set", f"attack={attack}", "--set", f"attack-sites={attackers}", "--set", f"attack-scale={scale}"]
