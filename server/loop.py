@@ -41,6 +41,7 @@ from common.runrecord import build_run_record, derive_seeds, write_run_record
 from server.continual import Best, ContinualRun
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
+from server.observe import RoundObserver
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
 from server.stop import stop_reason, stop_requested
@@ -183,6 +184,7 @@ class Federation(ContinualRun):
         self.best = Best()
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
+        self.observer = RoundObserver(cfg)
         self._init_continual()
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
@@ -208,7 +210,9 @@ class Federation(ContinualRun):
             )
             for s in sites
         ]
-        return list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        replies = list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        self.observer.traffic(messages, replies)
+        return replies
 
     def _federated_eval(self, server_round: int, nodes: dict[str, int]) -> dict[str, float]:
         every = int(self.cfg["eval-every"])
@@ -249,6 +253,7 @@ class Federation(ContinualRun):
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
         self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        row.update(self.observer.replies(server_round, screened.good, screened.rejected))
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
@@ -276,6 +281,7 @@ class Federation(ContinualRun):
         self.arrays = server_update(
             self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12)
         )
+        row.update(self.observer.updates(before, screened.good, self.arrays))
         self._new_version(server_round, before, [r.site_id for r in screened.good])
         if self.server_dp is not None:
             row["server_epsilon"] = self.server_dp.epsilon(float(self.cfg["delta"]))
@@ -302,6 +308,7 @@ class Federation(ContinualRun):
             nodes = self.directory.refresh()
             if not nodes:
                 raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
+            self.observer.start_round(server_round, len(nodes))
             row = {"round": server_round, **self._train_round(server_round, nodes)}
             if row["replied"] >= int(self.cfg["min-train-sites"]):
                 self.empty = 0
@@ -330,6 +337,7 @@ class Federation(ContinualRun):
                 self._register_version(server_round, row)
             self._check_divergence(server_round, row)
             row.update(version=self.version, rollbacks=len(self.rollbacks))
+            self.observer.end_round(row)
             self.outputs.add_round(row)
             completed = server_round
             stopping = stop_requested()  # read once: a stop must never skip this round's checkpoint
@@ -384,6 +392,7 @@ class Federation(ContinualRun):
             "handshake_rejected": dict(self.directory.rejected),
             "seconds": seconds,
             "model": self.model_name,
+            "drift": self.observer.finish(),
         }
         if self.cfg["dp"]:
             eps = [p["epsilon"] for p in self.privacy.values()]
