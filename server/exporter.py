@@ -63,6 +63,8 @@ GAUGES: dict[str, str] = {
     "stamen_epsilon_budget": "the per-site epsilon budget of the run",
     "stamen_epsilon_budget_remaining_min": "smallest remaining epsilon budget over the sites",
     "stamen_server_epsilon": "epsilon of client-level DP on the server (DP-FedAvg) so far",
+    "stamen_model_version": "number of the global model version in use (a rollback returns to an older one)",
+    "stamen_rollbacks": "rollbacks to the best version so far in this run, kept across resume",
 }
 
 

@@ -136,6 +136,8 @@ class RoundObserver:
         ex.set_gauge("stamen_train_loss", row.get("train_loss"))
         ex.set_gauge("stamen_server_momentum_l2_norm", row.get("server_buffer_norm"))
         ex.set_gauge("stamen_server_epsilon", row.get("server_epsilon"))
+        ex.set_gauge("stamen_model_version", row.get("version"))
+        ex.set_gauge("stamen_rollbacks", row.get("rollbacks"))
         ex.stamp_round(float(row["seconds"]))
 
     def finish(self) -> dict[str, Any]:
