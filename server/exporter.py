@@ -63,7 +63,7 @@ GAUGES: dict[str, str] = {
     "stamen_epsilon_budget": "the per-site epsilon budget of the run",
     "stamen_epsilon_budget_remaining_min": "smallest remaining epsilon budget over the sites",
     "stamen_server_epsilon": "epsilon of client-level DP on the server (DP-FedAvg) so far",
-    "stamen_model_version": "number of the current global model version",
+    "stamen_model_version": "number of the global model version in use (a rollback returns to an older one)",
 }
 
 
