@@ -151,7 +151,9 @@ def run(ctx: Context) -> Result:
     grids: dict[str, dict[Point, Run]] = {}
     for strategy in plan.strategies:
         points = [
-            Point(strategy, lr, SERVER_LR[strategy] * f) for lr in plan.client_lrs for f in plan.server_lr_factors
+            Point(strategy, lr, float(f"{SERVER_LR[strategy] * f:.3g}"))
+            for lr in plan.client_lrs
+            for f in plan.server_lr_factors
         ]
         ctx.echo(f"  tuning {strategy} over {len(points)} (client lr, server lr) at alpha {plan.tune_alpha:g}")
         limit = Limit(plan.cap)
