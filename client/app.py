@@ -19,7 +19,8 @@ from flwr.clientapp import ClientApp
 
 from client.data import SiteData, load_site_data
 from client.dp import dp_schedule, train_private
-from client.ledger import PrivacyLedger, calibrate_noise
+from client.ledger import OverBudget, PrivacyLedger, calibrate_noise
+from client.release import released_count
 from client.train import pick_device, round_seed, train_local
 from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
@@ -35,9 +36,9 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=4)
-def _model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+def _model(name: str, input_shape: tuple[int, ...], num_classes: int, dp: bool, fix: bool) -> torch.nn.Module:
     """One model object per architecture and process; weights are loaded every call."""
-    return build_model(name, input_shape, num_classes)
+    return build_model(name, input_shape, num_classes, dp=dp, fix=fix)
 
 
 class Instruction:
@@ -59,6 +60,14 @@ class Instruction:
             record_to_arrays(msg.content.array_records["arrays"]) if "arrays" in msg.content.array_records else None
         )
 
+    @property
+    def public_stats(self) -> bool:
+        """Whether raw-record statistics may leave this DP site: the node's own setting wins over the run's."""
+        value = self.node_config.get("dp-public-stats", self.cfg["dp-public-stats"])
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes")
+        return bool(value)
+
     def data(self) -> SiteData:
         return load_site_data(self.node_config, self.cfg)
 
@@ -72,7 +81,9 @@ class Instruction:
     def model(self) -> torch.nn.Module:
         if self.arrays is None:
             raise ConfigError("instruction carries no model arrays")
-        model = _model(self.model_name, self.input_shape, self.num_classes)
+        model = _model(
+            self.model_name, self.input_shape, self.num_classes, bool(self.cfg["dp"]), bool(self.cfg["dp-fix-model"])
+        )
         load_arrays(model, self.arrays)
         return model
 
@@ -91,11 +102,12 @@ def _error_reply(msg: Message, context: Context, exc: StamenError) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Identity handshake: who this site is and how much data it holds."""
+    """Identity handshake: who this site is and (with DP off) how much data it holds."""
     try:
         site_id = site_id_from_node_config(context.node_config)
         ins = Instruction(msg, context)
-        return make_reply(msg, site_id, Status.OK, metrics={"num-examples": ins.data().num_train})
+        metrics = {"num-examples": ins.data().num_train} if not ins.cfg["dp"] or ins.public_stats else {}
+        return make_reply(msg, site_id, Status.OK, metrics=metrics)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
 
@@ -150,11 +162,29 @@ def _train_private(
     cfg = ins.cfg
     delta, accountant = float(cfg["delta"]), str(cfg["accountant"])
     budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
-    rate, steps = dp_schedule(data.num_train, cfg)
-    sigma = float(cfg["noise-multiplier"]) or calibrate_noise(
-        float(cfg["target-epsilon"]), delta, rate, steps, int(cfg["privacy-horizon-rounds"]), accountant
-    )
     ledger = PrivacyLedger.load(store, accountant)
+    try:
+        count = released_count(
+            store,
+            ledger,
+            data.y_train,
+            noise_multiplier=float(cfg["dp-stats-noise"]),
+            seed=seed,
+            budget=budget,
+            delta=delta,
+        )
+    except OverBudget as exc:
+        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
+    rate, steps = dp_schedule(count, cfg)
+    sigma = float(cfg["noise-multiplier"]) or calibrate_noise(
+        float(cfg["target-epsilon"]),
+        delta,
+        rate,
+        steps,
+        int(cfg["privacy-horizon-rounds"]),
+        accountant,
+        ledger.releases,
+    )
     reason = ledger.refusal(sigma, rate, steps, delta, budget)
     if reason:
         return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=reason)
@@ -168,18 +198,23 @@ def _train_private(
         device=device,
         noise_multiplier=sigma,
         max_grad_norm=float(cfg["max-grad-norm"]),
+        planned_examples=count,
         accountant_name=accountant,
     )
     result.commit(ledger)
     _record_participation(store, ins, result.num_examples)
     metrics = {
         **result.metrics(),
+        "num-examples": count,
         "epsilon": ledger.epsilon(delta),
         "noise-multiplier": sigma,
         "sample-rate": result.sample_rate,
         "ledger-steps": ledger.steps,
         "ledger-rounds": ledger.rounds,
+        "ledger-releases": len(ledger.releases),
     }
+    if not ins.public_stats:
+        del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
 
 
@@ -188,6 +223,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
         ins = Instruction(msg, context)
+        if ins.cfg["dp"] and not ins.public_stats:
+            raise ConfigError(
+                "evaluation statistics of a DP site are not noised: it takes part in federated evaluation "
+                "only with dp-public-stats = true"
+            )
         data = ins.data()
         if data.num_holdout == 0:
             raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")
