@@ -178,6 +178,8 @@ def test_quick_bench_writes_one_well_formed_object_per_scenario(tmp_path: Path) 
         assert len(load["start"]) == 3 and len(load["end"]) == 3
         assert entry["seconds"] > 0
         assert all(math.isfinite(n) for n in _numbers(entry))
+    table = (out / "bench.md").read_text()
+    assert all(f"| {name} |" in table for name in QUICK_SUBSET)
     scale = entries[1]["figures"]["sizes"][0]
     assert scale["peak_pss_gib"] > 0 and scale["peak_processes"] >= 3  # CLI, engine and Ray were all counted
     assert scale["peak_rss_gib"] >= scale["peak_pss_gib"]

@@ -4,7 +4,8 @@ A scenario is one module in :data:`SCENARIOS` with a ``SUMMARY`` string and a
 ``run(ctx: Context) -> Result`` function. ``DIR/bench.json`` is a JSON list, one object
 per scenario run, appended to (and rewritten atomically) as each scenario finishes, so an
 interrupted benchmark keeps what it measured. Every number in it is finite: a figure that
-could not be measured (a target never reached) is ``null``.
+could not be measured (a target never reached) is ``null``. ``DIR/bench.md`` renders the
+latest result of each scenario as a table of measured figures next to their goals.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import StamenError
-from common.state import atomic_write_json
+from common.state import atomic_write_bytes, atomic_write_json
 from simulations.bench.machine import LoadSampler, machine_info
+from simulations.bench.report import markdown
 
 #: name -> module. Drift, deployed-round and continual scenarios join here as those features land.
 SCENARIOS: dict[str, str] = {
@@ -164,5 +166,6 @@ def run_bench(names: list[str], out: Path, *, quick: bool, echo: Callable[[str],
         entries.append(finite(entry))
         done.append(entries[-1])
         atomic_write_json(bench_path, entries)
+        atomic_write_bytes(out / "bench.md", markdown(entries).encode(), mode=0o644)
         echo(line)
     return done
