@@ -162,14 +162,22 @@ def time_dp_round_steps(horizon: int = 20) -> dict[str, float]:
     return out
 
 
+def _per_epoch(train_s: float, epochs: int) -> float | None:
+    """Seconds per epoch; None when the round was no longer than the baseline (nothing to divide)."""
+    return train_s / epochs if train_s > 0 else None
+
+
+def _ratio(dp: float | None, nodp: float | None) -> float | None:
+    return dp / nodp if dp is not None and nodp is not None else None
+
+
 def run(ctx: Context) -> Result:
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if ctx.quick else (FULL_CASES, FULL_BATCHES)
     rounds = 2 if ctx.quick else 3
     ctx.echo(f"  baseline rounds (training negligible): {BASELINE.model}, 1 epoch, batch 128, no DP and DP")
-    base = {
-        "nodp": _timed(ctx, BASELINE, 128, False, rounds).steady_round_s,
-        "dp": _timed(ctx, BASELINE, 128, True, rounds).steady_round_s,
-    }
+    base_runs = {"nodp": _timed(ctx, BASELINE, 128, False, rounds), "dp": _timed(ctx, BASELINE, 128, True, rounds)}
+    base = {k: r.steady_round_s for k, r in base_runs.items()}
+    base_cpu = {k: r.steady_cpu_per_round_s for k, r in base_runs.items()}
     rows: list[dict[str, Any]] = []
     for case in cases:
         for batch in batches:
@@ -179,11 +187,15 @@ def run(ctx: Context) -> Result:
             )
             plain = _timed(ctx, case, batch, False, rounds)
             private = _timed(ctx, case, batch, True, rounds)
-            per_epoch = {}
-            for label, r in (("nodp", plain), ("dp", private)):
-                train_s = r.steady_round_s - base[label]
-                per_epoch[label] = train_s / case.epochs(label == "dp") if train_s > 0 else None
-            ratio = per_epoch["dp"] / per_epoch["nodp"] if per_epoch["dp"] and per_epoch["nodp"] else None
+            per_epoch = {
+                label: _per_epoch(r.steady_round_s - base[label], case.epochs(label == "dp"))
+                for label, r in (("nodp", plain), ("dp", private))
+            }
+            cpu_per_epoch = {
+                label: _per_epoch(r.steady_cpu_per_round_s - base_cpu[label], case.epochs(label == "dp"))
+                for label, r in (("nodp", plain), ("dp", private))
+            }
+            ratio = _ratio(per_epoch["dp"], per_epoch["nodp"])
             rows.append(
                 {
                     **asdict(case),
@@ -193,6 +205,9 @@ def run(ctx: Context) -> Result:
                     "epoch_s_nodp": per_epoch["nodp"],
                     "epoch_s_dp": per_epoch["dp"],
                     "ratio": ratio,
+                    "epoch_cpu_s_nodp": cpu_per_epoch["nodp"],
+                    "epoch_cpu_s_dp": cpu_per_epoch["dp"],
+                    "ratio_cpu": _ratio(cpu_per_epoch["dp"], cpu_per_epoch["nodp"]),
                     "epsilon_max": private.summary().get("privacy", {}).get("epsilon_max"),
                 }
             )
@@ -227,7 +242,9 @@ def run(ctx: Context) -> Result:
         },
         figures={
             "baseline_round_s": base,
+            "baseline_cpu_s_per_round": base_cpu,
             "dp_fixed_s_per_round": base["dp"] - base["nodp"],
+            "dp_fixed_cpu_s_per_round": base_cpu["dp"] - base_cpu["nodp"],
             "dp_fixed_breakdown_s": time_dp_round_steps(),
             "cases": rows,
             "profiles": profiles,
@@ -238,6 +255,8 @@ def run(ctx: Context) -> Result:
         plots=[plot],
         notes=[
             "epoch seconds = (median round seconds after round 1 - baseline round seconds) / local epochs",
+            "cpu figures: the same with the whole process tree's CPU seconds per round, less sensitive to other "
+            "load on shared cores",
             "each of the 2 sites trains on its own core; a round waits for the slower one",
         ],
     )

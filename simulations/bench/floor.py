@@ -35,6 +35,7 @@ class Floor:
     one_process_threads: int
     parallel_s: float
     parallel_processes: int
+    parallel_cpu_s: float  # CPU seconds of all the single-thread workers together
 
     @property
     def seconds(self) -> float:
@@ -70,15 +71,16 @@ def _worker(w: Workload, jobs: list[tuple[int, int]], threads: int) -> None:
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     for rnd, cid in jobs:
         model.load_state_dict(initial)
         local_sgd(model, *sites[cid], w, seed=rnd * 100_003 + cid)
-    print(json.dumps({"seconds": time.monotonic() - t0}), flush=True)
+    print(json.dumps({"seconds": time.monotonic() - t0, "cpu_s": time.process_time() - cpu0}), flush=True)
 
 
-def _run_workers(w: Workload, processes: int, threads: int, timeout: float) -> float | None:
-    """Wall seconds from ``go`` until the last of ``processes`` workers is done (None past ``timeout``)."""
+def _run_workers(w: Workload, processes: int, threads: int, timeout: float) -> tuple[float, float] | None:
+    """(wall seconds from ``go`` until the last of ``processes`` workers is done, their CPU
+    seconds together); None past ``timeout``."""
     jobs = [(r, c) for r in range(w.rounds) for c in range(w.clients)]
     shares = [jobs[i::processes] for i in range(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -107,12 +109,14 @@ def _run_workers(w: Workload, processes: int, threads: int, timeout: float) -> f
                 p.wait(timeout=max(0.0, t0 + timeout - time.monotonic()))
             except subprocess.TimeoutExpired:
                 return None
-        elapsed = time.monotonic() - t0
+        elapsed, cpu = time.monotonic() - t0, 0.0
         for p in procs:
             assert p.stdout is not None
-            if p.returncode != 0 or not p.stdout.readline():
+            line = p.stdout.readline()
+            if p.returncode != 0 or not line:
                 raise StamenError(f"floor worker failed (exit {p.returncode})")
-        return elapsed
+            cpu += float(json.loads(line)["cpu_s"])
+        return elapsed, cpu
     finally:
         for p in procs:
             if p.poll() is None:
@@ -130,11 +134,13 @@ def measure_floor(w: Workload, cores: int | None = None, timeout: float = 1800) 
     parallel = _run_workers(w, cores, 1, timeout)
     if parallel is None:
         raise StamenError(f"the plain-PyTorch floor took longer than {timeout:.0f}s")
+    one = _run_workers(w, 1, cores, max(30.0, 3 * parallel[0]))
     return Floor(
-        one_process_s=_run_workers(w, 1, cores, max(30.0, 3 * parallel)),
+        one_process_s=None if one is None else one[0],
         one_process_threads=cores,
-        parallel_s=parallel,
+        parallel_s=parallel[0],
         parallel_processes=cores,
+        parallel_cpu_s=parallel[1],
     )
 
 

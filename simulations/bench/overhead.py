@@ -33,6 +33,7 @@ def _check(run: Run, w: Workload, who: str) -> None:
 def _side(run: Run) -> dict[str, float]:
     return {
         "s_per_round": run.steady_round_s,
+        "cpu_s_per_round": run.steady_cpu_per_round_s,
         "startup_s": run.startup_s,
         "first_round_end_s": run.first_round_end_s,
         "wall_s": run.wall_s,
@@ -58,6 +59,7 @@ def run(ctx: Context) -> Result:
         "floor_one_process_s": floor.one_process_s,
         "floor_parallel_s": floor.parallel_s,
         "floor_s_per_round": floor_round,
+        "floor_cpu_s_per_round": floor.parallel_cpu_s / w.rounds,
         "stamen": s,
         "flower": {**f, "final_accuracy": flower.summary()["final"]["accuracy"]},
         "ratio_stamen_floor": s["s_per_round"] / floor_round,
@@ -65,6 +67,8 @@ def run(ctx: Context) -> Result:
         "ratio_flower_floor": f["s_per_round"] / floor_round,
         "ratio_startup_stamen_flower": s["startup_s"] / f["startup_s"] if f["startup_s"] > 0 else None,
         "stamen_overhead_s_per_round": s["s_per_round"] - floor_round,
+        "ratio_cpu_stamen_floor": s["cpu_s_per_round"] / (floor.parallel_cpu_s / w.rounds),
+        "ratio_cpu_stamen_flower": s["cpu_s_per_round"] / f["cpu_s_per_round"],
     }
     plot = bar_chart(
         ctx.plot_path(),
@@ -96,5 +100,8 @@ def run(ctx: Context) -> Result:
         notes=[
             "steady round = median server-side seconds of rounds 2..R; floor per round = floor total / R",
             "start-up = wall time from process start until round 1's progress line, less one steady round",
+            "cpu per round = CPU seconds of the whole process tree (Ray included) between the ends of round 1 "
+            "and round R, / (R-1); floor cpu = the single-thread workers' CPU seconds / R; less sensitive to "
+            "other load on shared cores than wall time",
         ],
     )

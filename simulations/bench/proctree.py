@@ -16,14 +16,27 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from simulations.bench.periodic import Periodic
 
 PROC = Path("/proc")
 
 
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, session id, start time in clock ticks) of ``pid``; None if it is gone or a zombie."""
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Stat(NamedTuple):
+    """The fields of ``/proc/PID/stat`` the tree needs (times in clock ticks)."""
+
+    ppid: int
+    sid: int
+    started: int
+    cpu: int  # user + system time
+
+
+def _stat(pid: int) -> Stat | None:
+    """``pid``'s :class:`Stat`; None if it is gone or a zombie."""
     try:
         raw = (PROC / str(pid) / "stat").read_text()
     except OSError:
@@ -32,10 +45,10 @@ def _stat(pid: int) -> tuple[int, int, int] | None:
     fields = raw[raw.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):
         return None
-    return int(fields[1]), int(fields[3]), int(fields[19])
+    return Stat(int(fields[1]), int(fields[3]), int(fields[19]), int(fields[11]) + int(fields[12]))
 
 
-def _all_stats() -> dict[int, tuple[int, int, int]]:
+def _all_stats() -> dict[int, Stat]:
     out = {}
     for entry in PROC.iterdir():
         if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
@@ -53,14 +66,14 @@ def tree(root: int) -> dict[int, int]:
     changed = True
     while changed:
         changed = False
-        for pid, (ppid, sid, _) in stats.items():
+        for pid, (ppid, sid, _, _) in stats.items():
             if pid not in members and (ppid in members or sid in sessions):
                 members.add(pid)
                 changed = True
             if pid in members and sid == pid and pid not in sessions:
                 sessions.add(pid)
                 changed = True
-    return {pid: stats[pid][2] for pid in members}
+    return {pid: stats[pid].started for pid in members}
 
 
 def rollup(pid: int) -> tuple[int, int]:
@@ -98,6 +111,7 @@ class TreeWatch(Periodic):
     """Samples a tree in a thread: remembers every member seen and, if asked, peak memory.
 
     ``peak_breakdown`` is the PSS at the peak summed by process :func:`label`.
+    :meth:`cpu_seconds` is the CPU time the tree has used so far, by every member seen.
     """
 
     root: int
@@ -108,6 +122,19 @@ class TreeWatch(Periodic):
     peak_rss: int = 0
     peak_processes: int = 0
     peak_breakdown: dict[str, int] = field(default_factory=dict)
+    cpu: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by the tree's members so far (a member's last sample once it is gone)."""
+        for pid, started in tree(self.root).items():
+            self._add_cpu(pid, started)
+        return sum(self.cpu.values()) / TICKS
+
+    def _add_cpu(self, pid: int, started: int) -> None:
+        st = _stat(pid)
+        if st is not None and st.started == started:
+            key = (pid, started)
+            self.cpu[key] = max(self.cpu.get(key, 0), st.cpu)
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
@@ -116,6 +143,8 @@ class TreeWatch(Periodic):
     def sample(self) -> None:
         members = tree(self.root)
         self.seen.update(members)
+        for pid, started in members.items():
+            self._add_cpu(pid, started)
         self.peak_processes = max(self.peak_processes, len(members))
         if self.memory and members:
             per_process = {pid: rollup(pid) for pid in members}
@@ -131,7 +160,7 @@ class TreeWatch(Periodic):
 
 def _alive(pid: int, started: int) -> bool:
     st = _stat(pid)
-    return st is not None and st[2] == started
+    return st is not None and st.started == started
 
 
 def stop_processes(procs: dict[int, int], grace: float = 10.0) -> int:

@@ -25,6 +25,7 @@ from common.errors import StamenError
 from common.state import atomic_write_bytes, atomic_write_json
 from simulations.bench.machine import LoadSampler, machine_info
 from simulations.bench.report import markdown
+from simulations.bench.runs import ABORT
 
 #: name -> module. Drift, deployed-round and continual scenarios join here as those features land.
 SCENARIOS: dict[str, str] = {
@@ -143,6 +144,7 @@ def run_bench(names: list[str], out: Path, *, quick: bool, echo: Callable[[str],
         started = datetime.now(UTC).isoformat(timespec="seconds")
         t0 = time.monotonic()
         entry: dict[str, Any] = {"schema": BENCH_SCHEMA_VERSION, "scenario": name, "quick": quick, "started": started}
+        ABORT.clear()
         with LoadSampler() as load:
             try:
                 result: Result = module.run(ctx)

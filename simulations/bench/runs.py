@@ -5,7 +5,8 @@ per round to ``progress.jsonl`` in their run directory, with the server's own ``
 for the round and ``elapsed`` since the first round began. The watcher here also notes
 when each line appeared, counted from process start, so engine start-up (interpreter,
 imports, Ray, actors, the first round's one-time work) can be reported apart from the
-steady rounds. It can stop a run early (SIGINT to the stamen CLI, which then stops its
+steady rounds, and the CPU time the whole tree had used by then (on shared cores, CPU
+time per round is steadier than wall time). It can stop a run early (SIGINT to the stamen CLI, which then stops its
 engine's process group) and samples the tree's memory while it runs.
 """
 
@@ -17,6 +18,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,9 @@ from typing import Any
 
 from common.errors import StamenError
 from simulations.bench.proctree import TreeWatch
+
+#: Set when a group of parallel runs must end (Ctrl-C, or one of them failed): the others are stopped.
+ABORT = threading.Event()
 
 
 class BenchError(StamenError):
@@ -41,6 +46,7 @@ class Run:
     wall_s: float
     rows: list[dict[str, Any]] = field(default_factory=list)
     seen_at: list[float] = field(default_factory=list)
+    cpu_at: list[float] = field(default_factory=list)
     stopped_early: bool = False
     peak_pss: int = 0
     peak_rss: int = 0
@@ -54,6 +60,13 @@ class Run:
         if not rest:
             raise BenchError(f"{self.out}: needs at least 2 rounds to time a steady round, got {len(self.rows)}")
         return statistics.median(rest)
+
+    @property
+    def steady_cpu_per_round_s(self) -> float:
+        """CPU seconds the whole process tree used per round, between the ends of round 1 and the last."""
+        if len(self.cpu_at) < 2:
+            raise BenchError(f"{self.out}: needs at least 2 rounds to measure CPU per round")
+        return (self.cpu_at[-1] - self.cpu_at[0]) / (len(self.cpu_at) - 1)
 
     @property
     def first_round_end_s(self) -> float:
@@ -100,7 +113,7 @@ def watch(
         with TreeWatch(proc.pid, memory=memory) as tree:
             offset = 0
             deadline = started + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
+            while proc.poll() is None and time.monotonic() < deadline and not ABORT.is_set():
                 time.sleep(0.1)
                 if not progress.exists():
                     continue
@@ -112,6 +125,7 @@ def watch(
                 for line in complete.decode().splitlines():
                     run.rows.append(json.loads(line))
                     run.seen_at.append(time.monotonic() - started)
+                    run.cpu_at.append(tree.cpu_seconds())
                     if stop_when is not None and not run.stopped_early and stop_when(run.rows[-1]):
                         run.stopped_early = True
                         proc.send_signal(signal.SIGINT)  # the stamen CLI then stops its engine group
@@ -126,6 +140,8 @@ def watch(
         run.wall_s = time.monotonic() - started
         run.peak_pss, run.peak_rss, run.peak_processes = tree.peak_pss, tree.peak_rss, tree.peak_processes
         run.peak_breakdown = tree.peak_breakdown
+    if ABORT.is_set():
+        raise BenchError(f"run {out} stopped: another run failed or the benchmark was interrupted")
     if run.rc != 0 and not run.stopped_early:
         tails = "\n".join(f"--- {p}\n{_tail(p)}" for p in (log_path, *logs))
         raise BenchError(f"run {out} failed (exit {run.rc} after {run.wall_s:.0f}s)\n{tails}")
@@ -161,4 +177,11 @@ def run_all(jobs: list[Callable[[], Run]], parallel: int) -> list[Run]:
     if parallel <= 1:
         return [job() for job in jobs]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        return list(pool.map(lambda job: job(), jobs))
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            ABORT.set()  # Ctrl-C, or one run failed: stop the others rather than wait for them
+            for f in futures:
+                f.cancel()
+            raise

@@ -83,6 +83,7 @@ def run(ctx: Context) -> Result:
                 },
                 "seconds_per_round": r.steady_round_s,
                 "ms_per_call": per_call_ms,
+                "cpu_ms_per_call": r.steady_cpu_per_round_s / size.sampled * 1000,
                 "compute_ms_per_call": compute_ms,
                 "overhead_ms_per_call": per_call_ms - compute_ms,
                 "startup_s": r.startup_s,
