@@ -3,7 +3,7 @@
 Real ``stamen simulate`` runs (digits, 10 sites iid, 5 rounds of 5 local epochs, FedAvgM): the trimmed mean keeps
 the final accuracy within 3 points of the clean run, while the plain weighted mean under the
 same server momentum loses more than 10. The full-size table (MNIST-5k, 0..3 attackers, every
-rule) is :func:`simulations.robustness.robustness_table`.
+rule) is ``stamen bench robustness`` (:mod:`simulations.bench.robustness`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import run_stamen_simulate
 
-from simulations.robustness import scenario_args
+from simulations.bench.robustness import scenario_args
 
 # 5 local epochs without LR warmup: the clean run reaches ~0.93 in 5 rounds, so a loss shows.
 SIZE: dict[str, Any] = {

@@ -34,6 +34,7 @@ SCENARIOS: dict[str, str] = {
     "fedavgm": "simulations.bench.fedavgm",
     "privacy-utility": "simulations.bench.privacy_utility",
     "scale": "simulations.bench.scale",
+    "robustness": "simulations.bench.robustness",
 }
 
 BENCH_SCHEMA_VERSION = 1
