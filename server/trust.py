@@ -122,6 +122,8 @@ class TrustPolicy:
     def screen(self, current: Arrays, good: list[SiteReply], rejected: Counter[str]) -> list[SiteReply]:
         """The replies kept after the norm bound and the outlier test; rejections are counted
         in ``rejected`` by reason, clipped updates replace the reply's arrays."""
+        if self.norm_bound <= 0 and self.outlier_k <= 0:
+            return list(good)
         kept: list[SiteReply] = []
         norms: list[float] = []
         for reply in good:
