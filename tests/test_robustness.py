@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,3 +55,17 @@ def test_multikrum_holds_where_fedavgm_mean_falls(final_accuracy: Run, attack: s
     print(f"{attack}: clean {clean:.4f}, mean with 2/10 attacking {plain:.4f}, multikrum {robust:.4f}")
     assert clean - plain > 0.10
     assert clean - robust <= 0.03
+
+
+@pytest.mark.slow
+def test_outlier_rejections_are_counted_by_reason_in_a_real_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_stamen_simulate(
+        out,
+        "--clients", "5", "--rounds", "2", "--dataset", "digits", "--partition", "iid",
+        "--set", "attack=scale", "--set", "attack-sites=1", "--set", "outlier-mad-k=3",
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["participation"]["rejected_outlier"] == 2  # site-0000, once per round
+    assert [row["rejected"] for row in summary["history"]] == [1, 1]
+    assert [row["replied"] for row in summary["history"]] == [4, 4]  # the other four are aggregated
