@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -33,6 +34,7 @@ from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, scree
 from common.runrecord import build_run_record, derive_seeds, write_run_record
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
+from server.grid_rounds import exchange, wait_for_nodes
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
 from server.strategy.base import ServerOptimizer
@@ -79,6 +81,8 @@ def screen_round(
     out = Screened()
     seen: set[str] = set()
     for msg in replies:
+        if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+            continue  # Flower gave up on the node (heartbeat lost): a failed site, counted as missing
         expected = addressed.get(msg.metadata.src_node_id)
         try:
             if expected is None or expected in seen:
@@ -174,7 +178,10 @@ class Federation:
         )
         self.state_dir = str(Path(cfg["state-dir"] or Path(out_dir) / "sites").resolve())
         self.directory = SiteDirectory(
-            grid, lambda: self._content(0, with_model=False), timeout=float(cfg["round-timeout"])
+            grid,
+            lambda: self._content(0, with_model=False),
+            timeout=float(cfg["round-timeout"]),
+            poll=float(cfg["reply-poll-interval"]),
         )
         self.best = Best()
         self.totals: Counter[str] = Counter()
@@ -196,13 +203,18 @@ class Federation:
 
     def _send(self, sites: list[str], nodes: dict[str, int], kind: str, server_round: int) -> list[Message]:
         message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        deadline = float(self.cfg["round-timeout"])
         messages = [
             Message(
-                self._content(server_round), dst_node_id=nodes[s], message_type=message_type, group_id=str(server_round)
+                self._content(server_round),
+                dst_node_id=nodes[s],
+                message_type=message_type,
+                group_id=str(server_round),
+                ttl=deadline,
             )
             for s in sites
         ]
-        return list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        return exchange(self.grid, messages, timeout=deadline, poll=float(self.cfg["reply-poll-interval"])).replies
 
     def _federated_eval(self, server_round: int, nodes: dict[str, int]) -> dict[str, float]:
         every = int(self.cfg["eval-every"])
@@ -289,13 +301,22 @@ class Federation:
         completed = 0
         for server_round in range(1, rounds + 1):
             t0 = time.monotonic()
+            wait_for_nodes(self.grid, int(self.cfg["min-available-sites"]), float(self.cfg["wait-for-sites"]))
             nodes = self.directory.refresh()
-            if not nodes:
-                raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
-            row = {"round": server_round, **self._train_round(server_round, nodes)}
+            if len(nodes) >= int(self.cfg["min-train-sites"]):
+                row = {"round": server_round, **self._train_round(server_round, nodes)}
+            else:
+                row = {"round": server_round, "sampled": 0, "replied": 0, "refused": 0, "failed": 0, "rejected": 0}
+                row.update(updated=False, skipped=1)
+                log.warning(
+                    "round %d skipped: %d site(s) answered the identity handshake, min-train-sites is %s",
+                    server_round,
+                    len(nodes),
+                    self.cfg["min-train-sites"],
+                )
             if row["replied"] >= int(self.cfg["min-train-sites"]):
                 empty = 0
-            elif row["rejected"] + row["failed"] > 0:
+            elif row["rejected"] + row["failed"] + row.get("skipped", 0) > 0:
                 empty += 1
             else:
                 log.warning("round %d: every sampled site refused for its privacy budget", server_round)
@@ -303,7 +324,7 @@ class Federation:
                 raise RunFailed(
                     f"{empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
                     f"(round {server_round}: {row['rejected']} rejected, {row['failed']} missing, "
-                    f"{row['refused']} refused); see the log for reasons"
+                    f"{row['refused']} refused, {len(nodes)} sites connected); see the log for reasons"
                 )
             row.update(self._federated_eval(server_round, nodes))
             load_arrays(self.model, self.arrays)

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import StamenConfig, parse_assignment
 from common.errors import StamenError
+from simulations import deploy_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="stamen: federated continual learning on Flower.")
 console = Console(stderr=True)
@@ -266,6 +267,10 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory with summ
     if not path.exists():
         raise StamenError(f"{path} does not exist")
     typer.echo(plot_convergence(json.loads(path.read_text()), run_dir / "convergence.png"))
+
+
+app.command("node")(clean_errors(deploy_cli.node))
+app.command("superlink")(clean_errors(deploy_cli.superlink))
 
 
 def main() -> None:
