@@ -50,6 +50,8 @@ log = logging.getLogger("stamen.node")
 FAB_ID = "stamen/stamen"
 #: Runtime API call that claims a task; the SuperNode checks its HMAC with the node's secret.
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+#: How long one task keeps retrying its calls to the SuperNode: a dead SuperNode ends the task, not the daemon.
+TASK_RETRY_SECONDS = 20.0
 
 
 @dataclass
@@ -62,10 +64,12 @@ class TaskResult:
     detail: str = ""
 
 
-def _client(address: str, *interceptors: object, tries: int | None = None) -> RuntimeHttpClient:
+def _client(
+    address: str, *interceptors: object, tries: int | None = None, seconds: float | None = None
+) -> RuntimeHttpClient:
     retry = make_simple_http_retry_invoker()
-    if tries is not None:
-        retry.max_tries = tries
+    retry.max_tries = tries
+    retry.max_time = seconds
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=True,  # the Runtime API listens on loopback only (see simulations/node.py)
@@ -78,8 +82,9 @@ def _client(address: str, *interceptors: object, tries: int | None = None) -> Ru
 class WarmExecutor:
     """Claims this node's ClientApp tasks from its SuperNode and runs them in-process."""
 
-    def __init__(self, runtime_address: str, secret: bytes | None) -> None:
+    def __init__(self, runtime_address: str, secret: bytes | None, torch_threads: int = 0) -> None:
         self.address = runtime_address
+        self._threads = torch_threads
         interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if secret:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_METHOD}))
@@ -106,6 +111,7 @@ class WarmExecutor:
             self.address,
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(token),
+            seconds=TASK_RETRY_SECONDS,
         )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
@@ -140,8 +146,12 @@ class WarmExecutor:
             )
             return Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=why), reply_to=message), why
         if self._app is None:
+            import torch
+
             from client.app import app  # torch and the model code: imported once, on the first task
 
+            if self._threads:
+                torch.set_num_threads(self._threads)
             self._app = app
         try:
             return self._app(message=message, context=context), ""

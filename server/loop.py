@@ -43,6 +43,10 @@ from server.strategy.factory import make_server_optimizer
 log = logging.getLogger("stamen.server")
 
 
+#: Error replies the SuperLink writes itself for a site that did not answer (heartbeat lost, instruction expired).
+UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)
+
+
 class RunFailed(StamenError):
     """The federation could not go on (e.g. no usable replies for several rounds)."""
 
@@ -81,8 +85,8 @@ def screen_round(
     out = Screened()
     seen: set[str] = set()
     for msg in replies:
-        if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
-            continue  # Flower gave up on the node (heartbeat lost): a failed site, counted as missing
+        if msg.has_error() and msg.error.code in UNAVAILABLE:
+            continue  # the SuperLink's word that the node or its reply never came: a failed site, counted missing
         expected = addressed.get(msg.metadata.src_node_id)
         try:
             if expected is None or expected in seen:

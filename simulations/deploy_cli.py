@@ -40,6 +40,7 @@ def node(
     connect_timeout: Annotated[
         float, _opt("seconds to keep retrying while the SuperLink refuses this node", "CONNECT_TIMEOUT")
     ] = 120.0,
+    torch_threads: Annotated[int, _opt("torch threads of the warm executor (0 = torch default)", "TORCH_THREADS")] = 0,
     dry_run: Annotated[bool, typer.Option(help="check the configuration, print the SuperNode command, exit")] = False,
 ) -> None:
     """Check this site's configuration, then run the real Flower SuperNode for it."""
@@ -60,6 +61,7 @@ def node(
             executor=executor,
             poll=poll,
             connect_timeout=connect_timeout,
+            torch_threads=torch_threads,
         )
     )
     if insecure:

@@ -34,6 +34,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class NodeSettings:
     executor: str = "warm"
     poll: float = 0.05
     connect_timeout: float = 120.0
+    torch_threads: int = 0
 
 
 def _private(path: Path, what: str, mask: int) -> None:
@@ -173,6 +175,8 @@ def check(settings: NodeSettings) -> NodeSettings:
     _check_data(settings)
     _check_state_dir(settings.state_dir)
     _check_tls(settings)
+    if settings.torch_threads < 0:
+        raise ConfigError(f"--torch-threads must be >= 0, got {settings.torch_threads}")
     if settings.epsilon_budget is not None and not settings.epsilon_budget > 0:
         raise ConfigError(f"--epsilon-budget must be > 0, got {settings.epsilon_budget}")
     return settings
@@ -245,14 +249,44 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)
 
 
-def _start(cmd: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    log.info("starting %s", " ".join(cmd))
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    return subprocess.Popen(cmd, env=dict(env), start_new_session=True, preexec_fn=preexec)
+class SuperNodeProcess:
+    """A running ``flower-supernode`` whose output is relayed to ours and read on the way.
+
+    Flower reports a refused activation in its output (``Exit Code: 305``) while the
+    process itself exits with 1, so the relay keeps the exit code Flower printed.
+    """
+
+    def __init__(self, cmd: list[str], env: Mapping[str, str]) -> None:
+        log.info("starting %s", " ".join(cmd))
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self.popen = subprocess.Popen(
+            cmd, env=dict(env), start_new_session=True, preexec_fn=preexec, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.flower_exit: int | None = None
+        self._relay = threading.Thread(target=self._copy, daemon=True)
+        self._relay.start()
+
+    def _copy(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+            if m := re.search(rb"Exit Code: (\d+)", line):
+                self.flower_exit = int(m.group(1))
+
+    def poll(self) -> int | None:
+        """None while running; else Flower's own exit code if it printed one, else the process's."""
+        code = self.popen.poll()
+        if code is None:
+            return None
+        self._relay.join(timeout=5.0)
+        return self.flower_exit if self.flower_exit is not None else code
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
+def _stop(node: SuperNodeProcess) -> int:
     """SIGTERM the SuperNode's process group, SIGKILL it after a grace period; its exit code."""
+    proc = node.popen
     for sig, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5.0)):
         if proc.poll() is not None:
             break
@@ -287,7 +321,7 @@ def run_node(settings: NodeSettings, env: Mapping[str, str] | None = None) -> in
             raise _Stop
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    procs = [_start(cmd, env)]
+    procs = [SuperNodeProcess(cmd, env)]
     try:
         code = _supervise(settings, cmd, env, procs, secret_file.read_bytes(), state)
     except _Stop:
@@ -303,7 +337,7 @@ def _supervise(
     settings: NodeSettings,
     cmd: list[str],
     env: dict[str, str],
-    procs: list[subprocess.Popen[bytes]],
+    procs: list[SuperNodeProcess],
     secret: bytes,
     state: dict[str, bool],
 ) -> int:
@@ -311,7 +345,7 @@ def _supervise(
     from client.executor import WarmExecutor
 
     first = time.monotonic()
-    executor = WarmExecutor(f"127.0.0.1:{settings.runtime_port}", secret)
+    executor = WarmExecutor(f"127.0.0.1:{settings.runtime_port}", secret, settings.torch_threads)
     try:
         while not state["stop"]:
             code = procs[-1].poll()
@@ -327,7 +361,7 @@ def _supervise(
             elif time.monotonic() - first < settings.connect_timeout:
                 log.warning("the SuperLink refused this node; trying again in %.0fs", RECONNECT_PAUSE)
                 time.sleep(RECONNECT_PAUSE)
-                procs.append(_start(cmd, env))
+                procs.append(SuperNodeProcess(cmd, env))
             else:
                 raise ConfigError(
                     f"the SuperLink refused node {settings.site_id} for {settings.connect_timeout:.0f}s: is its "
