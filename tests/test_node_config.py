@@ -87,8 +87,14 @@ def test_a_good_site_gives_the_supernode_tls_its_key_and_its_node_config(site: N
         (lambda s, p: setattr(s, "state_dir", p / "absent"), "does not exist"),
         (lambda s, p: os.chmod(s.state_dir, 0o755), "accessible to others"),
         (lambda s, p: os.chmod(s.auth_key, 0o644), "accessible to others"),
-        (lambda s, p: (p.joinpath("k").write_text("not a key"), p.joinpath("k").chmod(0o600),
-                       setattr(s, "auth_key", p / "k")), "OpenSSH private key"),  # fmt: skip
+        (
+            lambda s, p: (
+                p.joinpath("k").write_text("not a key"),
+                p.joinpath("k").chmod(0o600),
+                setattr(s, "auth_key", p / "k"),
+            ),
+            "OpenSSH private key",
+        ),
         (lambda s, p: setattr(s, "root_certificates", s.auth_key), "no PEM certificate"),
         (lambda s, p: setattr(s, "root_certificates", None), "--root-certificates"),
         (lambda s, p: setattr(s, "insecure", True), "needs TLS"),
