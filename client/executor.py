@@ -121,6 +121,10 @@ class WarmExecutor:
         try:
             message, context, run, _ = pull_task_input(client)
             kind = message.metadata.message_type
+            # From the server creating the instruction to this executor holding it: SuperLink queue,
+            # the SuperNode's idle poll (a fixed 3 s sleep in Flower) and this executor's poll.
+            log.info("%s task for round %s delivered %.2fs after the server created it", kind,
+                     message.metadata.group_id or "-", time.time() - message.metadata.created_at)  # fmt: skip
             reply, detail = self._execute(message, context, run.fab_id, run.fab_version)
             push_message(client, reply, context)
             if not reply.has_error():

@@ -88,11 +88,16 @@ def superlink(
     install_dependencies: Annotated[
         bool, _opt("let Flower install each run's app dependencies (uv sync; needs internet)", "INSTALL_DEPENDENCIES")
     ] = False,
+    serverapp_isolation: Annotated[
+        str, _opt("subprocess: the SuperLink runs the ServerApp; process: a flower-superexec does", "ISOLATION")
+    ] = "subprocess",
     dry_run: Annotated[bool, typer.Option(help="check the configuration, print the SuperLink command, exit")] = False,
 ) -> None:
     """Run Flower's SuperLink with TLS, node authentication and a database."""
     cmd = superlink_command(
-        SuperLinkSettings(database, certificates, insecure, host, port, node_auth, install_dependencies)
+        SuperLinkSettings(
+            database, certificates, insecure, host, port, node_auth, install_dependencies, serverapp_isolation
+        )
     )
     if insecure:
         typer.secho("WARNING: --insecure: no TLS (development only)", err=True, fg="red")

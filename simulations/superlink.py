@@ -28,6 +28,7 @@ class SuperLinkSettings:
     port: int = 9093
     node_auth: bool = True
     install_dependencies: bool = False
+    isolation: str = "subprocess"
 
 
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
@@ -50,6 +51,9 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
         cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(crt), "--ssl-keyfile", str(key)]
         if settings.node_auth:
             cmd.append("--enable-supernode-auth")
+    if settings.isolation not in ("subprocess", "process"):
+        raise ConfigError(f"--serverapp-isolation must be subprocess or process, got {settings.isolation!r}")
+    cmd += ["--isolation", settings.isolation]
     if not settings.install_dependencies:
         cmd.append("--disable-runtime-dependency-installation")
     return cmd
