@@ -24,6 +24,7 @@ with an error; what is lost are warm caches.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class WarmExecutor:
 
     def run_task(self, token: str) -> TaskResult:
         """Run one task as ``flwr-clientapp`` would, but in this process."""
+        claimed = time.time()
         client = _client(
             self.address,
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
@@ -115,18 +117,20 @@ class WarmExecutor:
         )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
-        start = time.monotonic()
+        marks = [time.monotonic()]
         context: Context | None = None
-        status, detail, kind = SubStatus.FAILED, "task failed before its message was read", "?"
+        status, detail, kind, waited, group = SubStatus.FAILED, "task failed before its message was read", "?", 0.0, "-"
         try:
             message, context, run, _ = pull_task_input(client)
-            kind = message.metadata.message_type
-            # From the server creating the instruction to this executor holding it: SuperLink queue,
-            # the SuperNode's idle poll (a fixed 3 s sleep in Flower) and this executor's poll.
-            log.info("%s task for round %s delivered %.2fs after the server created it", kind,
-                     message.metadata.group_id or "-", time.time() - message.metadata.created_at)  # fmt: skip
+            marks.append(time.monotonic())
+            kind, group = message.metadata.message_type, message.metadata.group_id or "-"
+            # Server creates the instruction -> this executor claims it: the server's upload, the SuperLink
+            # queue, the SuperNode's idle poll (a fixed 3 s sleep in Flower) and its download, our poll.
+            waited = claimed - message.metadata.created_at
             reply, detail = self._execute(message, context, run.fab_id, run.fab_version)
+            marks.append(time.monotonic())
             push_message(client, reply, context)
+            marks.append(time.monotonic())
             if not reply.has_error():
                 status, detail = SubStatus.COMPLETED, ""
         except Exception as exc:  # any failure of one task must not end the daemon
@@ -136,9 +140,14 @@ class WarmExecutor:
             push_task_output(client=client, context=context, sub_status=status, details=detail)
             heartbeat.stop()
             client.close()
-        seconds = time.monotonic() - start
-        log.info("%s task %s in %.2fs%s", kind, "done" if status == SubStatus.COMPLETED else "FAILED", seconds,
-                 f": {detail}" if detail else "")  # fmt: skip
+        seconds = time.monotonic() - marks[0]
+        steps = [b - a for a, b in itertools.pairwise(marks)] + [0.0] * (4 - len(marks))
+        log.info(
+            "%s task (round %s) %s in %.2fs: claimed %.2fs after the server created it; input pulled in %.2fs, "
+            "ClientApp %.2fs, reply pushed in %.2fs%s",
+            kind, group, "done" if status == SubStatus.COMPLETED else "FAILED", seconds, waited, *steps,
+            f"; {detail}" if detail else "",
+        )  # fmt: skip
         return TaskResult(kind, seconds, status == SubStatus.COMPLETED, detail)
 
     def _execute(self, message: Message, context: Context, fab_id: str, fab_version: str) -> tuple[Message, str]:

@@ -1,19 +1,23 @@
-"""Round overhead of a deployed stamen federation on loopback: ``python -m simulations.deploy_bench``.
+"""Round overhead of a deployed federation on loopback: ``python -m simulations.deploy_bench``.
 
 Three sites on this machine (``simulations.loopback``: TLS, node authentication), MNIST-5k
-split IID, the default CNN, DP off, federated evaluation off, a few rounds. For every
-round after the first (which includes process start and imports) it reads the round's
-wall time from the server's progress.jsonl and each site's training time and instruction
-delivery delay from the warm executor's log, and prints
+split IID, DP off, no federated evaluation, a few rounds. For every round after the first
+(which pays process starts and imports) it takes the round's wall time from the server's
+``progress.jsonl`` and the slowest site's compute time from the sites' logs, and reports
 
-    overhead = round wall time - the slowest site's training time
+    overhead = round wall time - the slowest site's compute time.
 
-with the delivery delay (server creates the instruction -> the site's executor holds it:
-mostly the SuperNode's fixed 3 s idle poll) shown apart. ``--executor flower
---reply-poll 3`` runs Flower's defaults instead (a new ``flwr-clientapp`` process per
-message, the server looking for replies every 3 s) for the before/after comparison; there
-the sites' training time is not logged, so the overhead is reported against the training
-time of a warm run given with ``--compute``.
+Three set-ups, same machine, same data split:
+- ``--app stamen`` (default) with the warm executor: the executor logs, per task, when it
+  claimed the task relative to the server creating the instruction (the server's upload,
+  the SuperLink queue, the SuperNode's fixed 3 s idle poll and its download) and the time
+  spent pulling the input, in the ClientApp and pushing the reply;
+- ``--app stamen --executor flower --reply-poll 3``: Flower's defaults (a new
+  ``flwr-clientapp`` process per message, the server looking for replies every 3 s); stamen's
+  ClientApp does not log its compute there, so pass the warm run's figure with ``--compute``;
+- ``--app quickstart``: a plain Flower app in the pattern of Flower's PyTorch quickstart
+  (simulations/quickstart), Flower's executor and round loop; its ClientApp prints its
+  training time.
 """
 
 from __future__ import annotations
@@ -26,20 +30,35 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common.datasets import load_dataset
 from simulations.loopback import Loopback, read_progress
 
-TASK = re.compile(r"train task done in ([0-9.]+)s")
-DELIVERY = re.compile(r"train task for round (\d+) delivered ([0-9.]+)s")
+QUICKSTART = Path(__file__).resolve().parent / "quickstart"
+TASK = re.compile(
+    r"train task \(round (\d+)\) done in ([0-9.]+)s: claimed ([0-9.]+)s after the server created it; "
+    r"input pulled in ([0-9.]+)s, ClientApp ([0-9.]+)s, reply pushed in ([0-9.]+)s"
+)
+QUICK_TASK = re.compile(r"quickstart train \(round (\d+)\) took ([0-9.]+)s")
 
 
-def _shards(n: int) -> list[tuple[object, object]]:
-    import numpy as np
-
+def _shards(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     data = load_dataset("mnist5k")
     order = np.random.default_rng(0).permutation(len(data.y_train))
     return [(np.asarray(data.x_train[i], np.float32), np.asarray(data.y_train[i], np.int64))
             for i in np.array_split(order, n)]  # fmt: skip
+
+
+def _compute(logs: list[str], pattern: re.Pattern[str], column: int) -> list[float]:
+    """Per round after the first: the slowest site's compute seconds (``column`` of the match)."""
+    per_round: dict[int, float] = {}
+    for text in logs:
+        for m in pattern.findall(text):
+            rnd = int(m[0])
+            if rnd > 1:
+                per_round[rnd] = max(per_round.get(rnd, 0.0), float(m[column]))
+    return [per_round[r] for r in sorted(per_round)]
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -50,43 +69,57 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         for i, (x, y) in enumerate(_shards(args.sites)):
             fed.add_site(f"site-{i}", x, y)
         nodes = [fed.start_node(f"site-{i}") for i in range(args.sites)]
+        if args.app == "quickstart":
+            test = load_dataset("mnist5k")
+            np.savez(root / "test.npz", x=np.asarray(test.x_test, np.float32), y=np.asarray(test.y_test, np.int64))
+            config: dict[str, object] = {"num-server-rounds": args.rounds, "out-dir": str(out),
+                                         "test-data": str(root / "test.npz")}  # fmt: skip
+        else:
+            config = {"num-server-rounds": args.rounds, "dataset": "mnist5k", "out-dir": str(out), "eval-every": 0,
+                      "holdout-fraction": 0.0, "round-timeout": 600.0, "reply-poll-interval": args.reply_poll,
+                      "min-available-sites": args.sites, "lr-schedule": "constant"}  # fmt: skip
         t0 = time.monotonic()
-        proc = fed.flwr_run({
-            "num-server-rounds": args.rounds, "dataset": "mnist5k", "out-dir": str(out), "eval-every": 0,
-            "holdout-fraction": 0.0, "round-timeout": 600.0, "reply-poll-interval": args.reply_poll,
-            "min-available-sites": args.sites, "lr-schedule": "constant",
-        })  # fmt: skip
+        proc = fed.flwr_run(config, app=QUICKSTART if args.app == "quickstart" else Path(__file__).parents[1])
         code = proc.popen.wait(timeout=args.timeout)
         wall = time.monotonic() - t0
         logs = [n.log.read_text(errors="replace") for n in nodes]
     rows = read_progress(out)
     if code != 0 or len(rows) != args.rounds:
-        raise SystemExit(f"run failed ({code}); see {root}")
+        raise SystemExit(f"run failed ({code}, {len(rows)} rounds); see {root}")
     seconds = [float(r["seconds"]) for r in rows[1:]]
-    result: dict[str, object] = {"executor": args.executor, "reply_poll": args.reply_poll, "sites": args.sites,
-                                 "rounds": args.rounds, "wall": wall, "round_seconds": seconds}  # fmt: skip
-    if args.executor == "warm":
-        per_site = [[float(v) for v in TASK.findall(text)][1:] for text in logs]  # round 1 pays the imports
-        compute = [max(vals) for vals in zip(*per_site, strict=False)]
-        delivery = [float(d) for text in logs for r, d in DELIVERY.findall(text) if int(r) > 1]
-        result.update(compute=compute, delivery=delivery, delivery_mean=statistics.mean(delivery))
+    result: dict[str, object] = {
+        "app": args.app, "executor": args.executor, "reply_poll": args.reply_poll, "sites": args.sites,
+        "rounds": args.rounds, "wall": wall, "final_accuracy": rows[-1].get("central_accuracy"),
+        "round_seconds": seconds,
+    }  # fmt: skip
+    if args.app == "quickstart":
+        compute = _compute(logs, QUICK_TASK, 1)
+    elif args.executor == "warm":
+        compute = _compute(logs, TASK, 4)
+        later = [m for text in logs for m in TASK.findall(text) if int(m[0]) > 1]
+        result.update(claimed_mean=statistics.mean(float(m[2]) for m in later),
+                      transfer_mean=statistics.mean(float(m[3]) + float(m[5]) for m in later))  # fmt: skip
     else:
         compute = [args.compute] * len(seconds)
-    overhead = [s - c for s, c in zip(seconds, compute, strict=False)]
-    result.update(round_mean=statistics.mean(seconds), compute_mean=statistics.mean(compute),
-                  overhead_mean=statistics.mean(overhead), overhead=overhead)  # fmt: skip
+    overhead = [s - c for s, c in zip(seconds, compute, strict=True)]
+    result.update(compute=compute, round_mean=statistics.mean(seconds), compute_mean=statistics.mean(compute),
+                  overhead_mean=statistics.mean(overhead), overhead=overhead, log_dir=str(root))  # fmt: skip
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", choices=["stamen", "quickstart"], default="stamen")
     parser.add_argument("--executor", choices=["warm", "flower"], default="warm")
     parser.add_argument("--reply-poll", type=float, default=0.2)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--compute", type=float, default=0.0, help="sites' training seconds (for --executor flower)")
+    parser.add_argument("--compute", type=float, default=0.0, help="sites' compute seconds (stamen, --executor flower)")
     parser.add_argument("--timeout", type=float, default=1800.0)
-    print(json.dumps(run(parser.parse_args()), indent=2))
+    args = parser.parse_args()
+    if args.app == "quickstart" and args.executor != "flower":
+        parser.error("--app quickstart is plain Flower: use --executor flower")
+    print(json.dumps(run(args), indent=2))
 
 
 if __name__ == "__main__":

@@ -229,10 +229,10 @@ class Loopback:
 
     # --- runs ------------------------------------------------------------------------
 
-    def flwr_run(self, run_config: Mapping[str, object], *, name: str = "flwr-run") -> Proc:
-        """``flwr run <repo> loopback --stream`` with ``run_config`` (TOML values)."""
+    def flwr_run(self, run_config: Mapping[str, object], *, name: str = "flwr-run", app: Path = ROOT) -> Proc:
+        """``flwr run <app> loopback --stream`` with ``run_config`` (TOML values); the app is stamen by default."""
         pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in run_config.items())
-        cmd = [str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config", pairs]
+        cmd = [str(BIN / "flwr"), "run", str(app), "loopback", "--stream", "--run-config", pairs]
         return self.start(name, cmd, self.cli_env(), cwd=ROOT)
 
     # --- teardown --------------------------------------------------------------------
