@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+METRICS_PORT ?= 9464
 export FLWR_TELEMETRY_ENABLED := 0
 
 .PHONY: run test lint clean
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/stamen simulate
+	$(BIN)/stamen simulate --metrics-port $(METRICS_PORT)
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -19,6 +19,8 @@ from flwr.clientapp import ClientApp
 
 from client.data import SiteData, load_site_data
 from client.dp import dp_schedule, train_private
+from client.drift import site_drift
+from client.label_shift import apply_label_shift
 from client.ledger import OverBudget, PrivacyLedger, calibrate_noise
 from client.release import released_count
 from client.train import pick_device, round_seed, train_local
@@ -117,7 +119,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local SGD from the global model; reply with the local model."""
     try:
         ins = Instruction(msg, context)
-        data = ins.data()
+        data = apply_label_shift(ins.data(), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
         model = ins.model()
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
@@ -128,11 +130,30 @@ def train(msg: Message, context: Context) -> Message:
             model, data.x_train, data.y_train, ins.cfg, server_round=ins.server_round, seed=seed, device=device
         )
         _record_participation(store, ins, result.num_examples)
-        return make_reply(
-            msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=result.metrics()
-        )
+        metrics = {**result.metrics(), **_drift(ins, data, store, seed, None)}
+        return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
+
+
+def _drift(
+    ins: Instruction, data: SiteData, store: SiteStore, seed: int, ledger: PrivacyLedger | None
+) -> dict[str, float]:
+    """This round's data-drift scores (a DP site's histograms are charged releases)."""
+    cfg = ins.cfg
+    return site_drift(
+        store,
+        data.x_train,
+        data.y_train,
+        num_classes=ins.num_classes,
+        reference_rounds=int(cfg["drift-reference-rounds"]),
+        projection_seed=derive_seeds(int(cfg["seed"]))["drift"],
+        ledger=ledger,
+        noise_multiplier=float(cfg["dp-stats-noise"]),
+        seed=seed,
+        budget=float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget)),
+        delta=float(cfg["delta"]),
+    )
 
 
 def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
@@ -173,6 +194,7 @@ def _train_private(
             budget=budget,
             delta=delta,
         )
+        drift = _drift(ins, data, store, seed, ledger)
     except OverBudget as exc:
         return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
     rate, steps = dp_schedule(count, cfg)
@@ -205,6 +227,7 @@ def _train_private(
     _record_participation(store, ins, result.num_examples)
     metrics = {
         **result.metrics(),
+        **drift,
         "num-examples": count,
         "epsilon": ledger.epsilon(delta),
         "noise-multiplier": sigma,

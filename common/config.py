@@ -51,6 +51,10 @@ def _unit_open(v: float) -> bool:
     return 0 <= v < 1
 
 
+def _port(v: int) -> bool:
+    return 0 <= v <= 65535
+
+
 KEYS: tuple[Key, ...] = (
     # --- the federation ------------------------------------------------------------
     Key("num-server-rounds", int, 20, "rounds to run", lambda v: v >= 1, ">= 1"),
@@ -119,7 +123,7 @@ KEYS: tuple[Key, ...] = (
     Key("input-shape", str, "", "model input shape, e.g. '1,28,28' ('' = from the server's dataset)"),
     Key("num-classes", int, 0, "model output classes (0 = from the server's dataset)", lambda v: v >= 0, ">= 0"),
     # --- model --------------------------------------------------------------------
-    Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn8 | package.module:Class"),
+    Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn28-tanh | cnn8 | package.module:Class"),
     # --- local training (client) ------------------------------------------------------
     Key("optimizer", str, "sgd", "local optimizer", *_choice("sgd", "adamw")),
     Key("lr", float, 0.05, "peak local learning rate", _pos, "> 0"),
@@ -214,6 +218,32 @@ KEYS: tuple[Key, ...] = (
     Key("beta-1", float, 0.9, "fedadam/fedyogi first-moment decay", _unit_open, "in [0, 1)"),
     Key("beta-2", float, 0.99, "fedadam/fedyogi second-moment decay", _unit_open, "in [0, 1)"),
     Key("tau", float, 1e-3, "fedadam/fedyogi adaptivity floor", _pos, "> 0"),
+    # --- observability: the server's Prometheus endpoint and drift monitoring -------------
+    Key("metrics-port", int, 0, "port of the server's Prometheus endpoint (0 = off)", _port, "in [0, 65535]"),
+    Key("metrics-host", str, "127.0.0.1", "address the metrics endpoint binds to"),
+    Key("metrics-certfile", str, "", "TLS certificate (PEM) for the metrics endpoint ('' = plain HTTP)"),
+    Key("metrics-keyfile", str, "", "TLS private key (PEM) for the metrics endpoint"),
+    Key(
+        "metrics-max-sites",
+        int,
+        100,
+        "sites with their own metric series; later ones are folded into site='other'",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key("metrics-per-site", bool, True, "export per-site series (false = aggregates only)"),
+    Key(
+        "drift-reference-rounds",
+        int,
+        2,
+        "rounds a site trains before its drift reference is frozen",
+        lambda v: v >= 1,
+        ">= 1",
+    ),
+    Key("drift-ph-threshold", float, 0.5, "Page-Hinkley threshold on a loss, in nats", _pos, "> 0"),
+    Key("drift-ph-delta", float, 0.005, "Page-Hinkley tolerated rise per round, in nats", _nonneg, ">= 0"),
+    Key("label-shift-round", int, 0, "inject a label shift from this round (0 = off)", lambda v: v >= 0, ">= 0"),
+    Key("label-shift-sites", str, "", "comma-separated site-ids that get the label shift"),
 )
 
 KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
@@ -283,6 +313,8 @@ class StamenConfig:
                 "dp with target-epsilon needs privacy-horizon-rounds >= 1 (rounds each site is planned to "
                 "train), or set noise-multiplier explicitly"
             )
+        if bool(self["metrics-certfile"]) != bool(self["metrics-keyfile"]):
+            raise ConfigError("metrics-certfile and metrics-keyfile must be set together (TLS needs both)")
         if self["input-shape"]:
             self.input_shape  # noqa: B018 - parse now so a bad value fails at start
 

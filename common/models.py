@@ -89,7 +89,41 @@ class CNN8(nn.Module):
         return self.classifier(self.features(x))
 
 
-REGISTRY: dict[str, Builder] = {"logreg": LogReg, "mlp": MLP, "cnn28": CNN28, "cnn8": CNN8}
+class CNN28Tanh(nn.Module):
+    """A small tanh CNN for 28x28 images, shaped for DP-SGD (about 26k parameters).
+
+    DP-SGD's noise grows with the parameter count and clipping favours bounded
+    activations: Papernot et al. (2021, "Tempered sigmoid activations for deep learning
+    with differential privacy") report tanh nets of this shape well ahead of ReLU ones
+    on MNIST at the same epsilon.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        channels = input_shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 8, stride=2, padding=3),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, stride=2),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 1),
+        )
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, *input_shape)).numel()
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 32), nn.Tanh(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+REGISTRY: dict[str, Builder] = {
+    "logreg": LogReg,
+    "mlp": MLP,
+    "cnn28": CNN28,
+    "cnn28-tanh": CNN28Tanh,
+    "cnn8": CNN8,
+}
 
 
 def resolve_model_name(name: str, input_shape: tuple[int, ...]) -> str:
@@ -138,7 +172,7 @@ def build_model(
     else:
         valid = ", ".join(["auto", *REGISTRY, "package.module:Class"])
         raise ConfigError(f"unknown model {name!r}; choose one of {valid}")
-    if resolved in ("cnn28", "cnn8") and len(input_shape) != 3:
+    if resolved in ("cnn28", "cnn28-tanh", "cnn8") and len(input_shape) != 3:
         raise ConfigError(f"model {resolved} needs image input (C,H,W), data has shape {input_shape}")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

@@ -35,6 +35,7 @@ from common.runrecord import build_run_record, derive_seeds, write_run_record
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
 from server.grid_rounds import exchange, wait_for_nodes
+from server.observe import RoundObserver
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
 from server.strategy.base import ServerOptimizer
@@ -190,6 +191,7 @@ class Federation:
         self.best = Best()
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
+        self.observer = RoundObserver(cfg)
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
@@ -218,7 +220,9 @@ class Federation:
             )
             for s in sites
         ]
-        return exchange(self.grid, messages, timeout=deadline, poll=float(self.cfg["reply-poll-interval"])).replies
+        replies = exchange(self.grid, messages, timeout=deadline, poll=float(self.cfg["reply-poll-interval"])).replies
+        self.observer.traffic(messages, replies)
+        return replies
 
     def _federated_eval(self, server_round: int, nodes: dict[str, int]) -> dict[str, float]:
         every = int(self.cfg["eval-every"])
@@ -258,6 +262,7 @@ class Federation:
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
         self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        row.update(self.observer.replies(server_round, screened.good, screened.rejected))
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
@@ -281,9 +286,11 @@ class Federation:
         # With client-level DP every round releases a noisy model, however many sites replied:
         # skipping on a count would make the release depend on who took part.
         expected = fraction * len(nodes) if self.poisson else len(sites)
+        before = self.arrays
         self.arrays = server_update(
             self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12)
         )
+        row.update(self.observer.updates(before, screened.good, self.arrays))
         if self.server_dp is not None:
             row["server_epsilon"] = self.server_dp.epsilon(float(self.cfg["delta"]))
         row["updated"] = True
@@ -307,6 +314,7 @@ class Federation:
             t0 = time.monotonic()
             wait_for_nodes(self.grid, int(self.cfg["min-available-sites"]), float(self.cfg["wait-for-sites"]))
             nodes = self.directory.refresh()
+            self.observer.start_round(server_round, len(nodes))
             if len(nodes) >= int(self.cfg["min-train-sites"]):
                 row = {"round": server_round, **self._train_round(server_round, nodes)}
             else:
@@ -341,6 +349,7 @@ class Federation:
             row["elapsed"] = time.monotonic() - start
             if row["accuracy"] > self.best.accuracy:
                 self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays))
+            self.observer.end_round(row)
             self.outputs.add_round(row)
             completed = server_round
             if self.on_round:
@@ -371,6 +380,7 @@ class Federation:
             "handshake_rejected": dict(self.directory.rejected),
             "seconds": seconds,
             "model": self.model_name,
+            "drift": self.observer.finish(),
         }
         if self.cfg["dp"]:
             eps = [p["epsilon"] for p in self.privacy.values()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,6 +68,20 @@ def preflight(cfg: StamenConfig, clients: int) -> None:
         seed=derive_seeds(int(cfg["seed"]))["partition"],
     )
     load_server_data(cfg)
+    check_metrics_address(cfg)
+
+
+def check_metrics_address(cfg: StamenConfig) -> None:
+    """A metrics port that is taken fails here, in one line, rather than inside the engine."""
+    port = int(cfg["metrics-port"])
+    if not port:
+        return
+    host = str(cfg["metrics-host"])
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise StamenError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -164,6 +179,7 @@ def simulate(
     privacy_horizon_rounds: Annotated[int | None, typer.Option(help="rounds the calibration covers")] = None,
     epsilon_budget: Annotated[float | None, typer.Option(help="per-site budget (0 = target)")] = None,
     accountant: Annotated[str | None, typer.Option(help="rdp | prv")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port (0 = off)")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="any run-config key=value; repeatable")] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the simulation is stopped")] = 3600.0,
@@ -194,6 +210,7 @@ def simulate(
         "privacy-horizon-rounds": privacy_horizon_rounds,
         "epsilon-budget": epsilon_budget,
         "accountant": accountant,
+        "metrics-port": metrics_port,
     }
     raw: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     raw.update(parse_assignment(item) for item in set_ or [])
@@ -211,6 +228,10 @@ def simulate(
         "gpus_per_client": gpus_per_client,
         "num_cpus": os.cpu_count() or 1,
     }
+    if cfg["metrics-port"]:
+        from server.exporter import metrics_url
+
+        typer.echo(f"stamen: metrics at {metrics_url(cfg)} while the simulation runs")
     started = time.monotonic()
     rc = run_simulation_process(spec, out_dir, timeout, show_progress=progress)
     wall = time.monotonic() - started
@@ -220,10 +241,10 @@ def simulate(
         console.print("\n".join(tail), highlight=False, markup=False)
         console.print(f"[bold red]error:[/] simulation failed (exit {rc}); full log: {out_dir / 'simulation.log'}")
         raise typer.Exit(1)
-    from simulations.plots import plot_convergence
+    from simulations.plots import plot_run
 
     summary = json.loads(summary_path.read_text())
-    plot_convergence(summary, out_dir / "convergence.png")
+    plot_run(summary, out_dir)
     final = summary["final"]
     privacy = summary.get("privacy")
     spent = f", epsilon max {privacy['epsilon_max']:.2f} (delta {privacy['delta']:g})" if privacy else ""
@@ -261,12 +282,13 @@ def lr_find(
 @clean_errors
 def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory with summary.json")]) -> None:
     """Redraw a run's PNG plots from its summary.json."""
-    from simulations.plots import plot_convergence
+    from simulations.plots import plot_run
 
     path = run_dir / "summary.json"
     if not path.exists():
         raise StamenError(f"{path} does not exist")
-    typer.echo(plot_convergence(json.loads(path.read_text()), run_dir / "convergence.png"))
+    for png in plot_run(json.loads(path.read_text()), run_dir):
+        typer.echo(png)
 
 
 app.command("node")(clean_errors(deploy_cli.node))

@@ -77,7 +77,7 @@ def test_dp_site_with_defaults_sends_only_accounted_fields(tmp_path: Path, instr
     # the count it sent is the charged release, and the schedule follows it, not the exact size
     store = SiteStore(tmp_path / "sites", "site-0001")
     ledger = PrivacyLedger.load(store)
-    assert ledger.releases == (10.0,)
+    assert ledger.releases == (10.0, 10.0, 10.0)  # example count, label histogram, feature sketch (drift)
     sent = metrics["num-examples"]
     assert sent == max(1, round(store.read_json("releases")["num-examples"]["values"][0]))
     exact = load_site_data(NODE, StamenConfig.from_mapping({"dataset": "digits", "min-partition-size": 10})).num_train
@@ -87,7 +87,7 @@ def test_dp_site_with_defaults_sends_only_accounted_fields(tmp_path: Path, instr
     # a second round of the same data re-sends the cached count: no new charge
     again = client_app.train(_message(instruction, MessageType.TRAIN, {**config, "server-round": 2}), _context())
     assert _metrics(again)["num-examples"] == sent
-    assert PrivacyLedger.load(store).releases == (10.0,)
+    assert PrivacyLedger.load(store).releases == (10.0, 10.0, 10.0)
     assert PrivacyLedger.load(store).rounds == 2
 
 
