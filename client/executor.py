@@ -28,6 +28,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import version
 
 import httpx
@@ -127,6 +128,9 @@ class WarmExecutor:
             # Server creates the instruction -> this executor claims it: the server's upload, the SuperLink
             # queue, the SuperNode's idle poll (a fixed 3 s sleep in Flower) and its download, our poll.
             waited = claimed - message.metadata.created_at
+            created = datetime.fromtimestamp(message.metadata.created_at, UTC).isoformat(timespec="milliseconds")
+            log.info("%s task (round %s): created by the server at %s, claimed %.3fs later", kind, group, created,
+                     waited)  # fmt: skip
             reply, detail = self._execute(message, context, run.fab_id, run.fab_version)
             marks.append(time.monotonic())
             push_message(client, reply, context)

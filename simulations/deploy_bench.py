@@ -28,6 +28,7 @@ import re
 import statistics
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,38 @@ TASK = re.compile(
     r"input pulled in ([0-9.]+)s, ClientApp ([0-9.]+)s, reply pushed in ([0-9.]+)s"
 )
 QUICK_TASK = re.compile(r"quickstart train \(round (\d+)\) took ([0-9.]+)s")
+CREATED = re.compile(r"train task \(round (\d+)\): created by the server at (\S+), claimed ([0-9.]+)s later")
+STAMPED = re.compile(
+    r"^(\d{4}-\d\d-\d\dT[0-9:.]+)Z .*?(\[RUN \d+, ROUND (\d+)\]|Receiving: (\w+) message|Received successfully)"
+)
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.removesuffix("Z")).replace(tzinfo=UTC).timestamp()
+
+
+def _delivery(text: str) -> list[tuple[float, float, float]]:
+    """Per train task after round 1: (server create -> SuperNode starts receiving it, its download,
+    SuperNode holds it -> executor claims it), from the stamped SuperNode lines and the executor's."""
+    received: dict[int, tuple[float, float]] = {}
+    rnd, kind, start = 0, "", 0.0
+    for line in text.splitlines():
+        if not (m := STAMPED.match(line)):
+            continue
+        t = _epoch(m.group(1))
+        if m.group(3):
+            rnd = int(m.group(3))
+        elif m.group(4):
+            kind, start = m.group(4), t
+        elif kind == "train" and rnd > 1:
+            received[rnd] = (start, t)
+    out = []
+    for r, created, waited in CREATED.findall(text):
+        if int(r) in received:
+            a, b = received[int(r)]
+            d = _epoch(created)
+            out.append((a - d, b - a, d + float(waited) - b))
+    return out
 
 
 def _shards(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -97,8 +130,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     elif args.executor == "warm":
         compute = _compute(logs, TASK, 4)
         later = [m for text in logs for m in TASK.findall(text) if int(m[0]) > 1]
-        result.update(claimed_mean=statistics.mean(float(m[2]) for m in later),
-                      transfer_mean=statistics.mean(float(m[3]) + float(m[5]) for m in later))  # fmt: skip
+        steps = [d for text in logs for d in _delivery(text)]
+        result.update(
+            claimed_mean=statistics.mean(float(m[2]) for m in later),
+            executor_transfer_mean=statistics.mean(float(m[3]) + float(m[5]) for m in later),
+            to_supernode_mean=statistics.mean(s[0] for s in steps),
+            supernode_download_mean=statistics.mean(s[1] for s in steps),
+            supernode_to_executor_mean=statistics.mean(s[2] for s in steps),
+        )
     else:
         compute = [args.compute] * len(seconds)
     overhead = [s - c for s, c in zip(seconds, compute, strict=True)]

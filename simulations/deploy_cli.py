@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -69,7 +70,10 @@ def node(
     if dry_run:
         typer.echo(" ".join(supernode_command(settings, None)))
         return
-    logging.basicConfig(level=os.environ.get("STAMEN_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("STAMEN_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.Formatter.converter = time.gmtime  # UTC, as the SuperNode's relayed lines
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     code = run_node(settings)
     if code:

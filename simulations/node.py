@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -268,9 +269,11 @@ class SuperNodeProcess:
         self._relay.start()
 
     def _copy(self) -> None:
+        """Relay the SuperNode's lines, stamped with the time they arrived (Flower's own have none)."""
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
-            sys.stdout.buffer.write(line)
+            stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            sys.stdout.buffer.write(f"{stamp} ".encode() + line)
             sys.stdout.buffer.flush()
             if m := re.search(rb"Exit Code: (\d+)", line):
                 self.flower_exit = int(m.group(1))
