@@ -23,11 +23,13 @@ from client.drift import site_drift
 from client.label_shift import apply_label_shift
 from client.ledger import OverBudget, PrivacyLedger, calibrate_noise
 from client.release import released_count
+from client.resend import SentUpdates, update_digest
 from client.train import pick_device, round_seed, train_local
 from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from common.errors import ConfigError, StamenError
 from common.identity import site_id_from_node_config
+from common.instruction import check_schema_header
 from common.models import build_model, evaluate_model
 from common.reply import Status, make_reply
 from common.runrecord import derive_seeds
@@ -51,6 +53,7 @@ class Instruction:
         if record is None:
             raise ConfigError("instruction has no 'config' record")
         raw: dict[str, Any] = dict(record)
+        check_schema_header(raw)
         self.server_round = int(raw.pop("server-round", 0))
         self.model_name = str(raw.pop("model-name", "auto"))
         self.input_shape = tuple(int(v) for v in raw.pop("model-input-shape", []))
@@ -223,7 +226,15 @@ def _train_private(
         planned_examples=count,
         accountant_name=accountant,
     )
-    result.commit(ledger)
+    # A redone round (the server resumed from an older checkpoint) re-sends the identical
+    # update: already charged, so not charged again (client/resend.py). Charge, then record.
+    sent = SentUpdates(store)
+    digest = update_digest(model_to_arrays(model), result.metrics())
+    if digest in sent:
+        log.info("site %s round %d: identical update already sent and charged", ins.site_id, ins.server_round)
+    else:
+        result.commit(ledger)
+        sent.add(digest)
     _record_participation(store, ins, result.num_examples)
     metrics = {
         **result.metrics(),

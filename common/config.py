@@ -57,7 +57,7 @@ def _port(v: int) -> bool:
 
 KEYS: tuple[Key, ...] = (
     # --- the federation ------------------------------------------------------------
-    Key("num-server-rounds", int, 20, "rounds to run", lambda v: v >= 1, ">= 1"),
+    Key("num-server-rounds", int, 20, "rounds to run (0 = until stopped)", lambda v: v >= 0, ">= 0"),
     Key("fraction-train", float, 1.0, "fraction of sites sampled for training each round", _unit, "in (0, 1]"),
     Key("min-train-sites", int, 1, "fewest usable replies a round needs to update the model", lambda v: v >= 1, ">= 1"),
     Key("fraction-evaluate", float, 1.0, "fraction of sites asked for federated evaluation", _unit, "in (0, 1]"),
@@ -105,6 +105,42 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("out-dir", str, "", "run directory ('' = runs/<timestamp>)"),
     Key("state-dir", str, "", "per-site state root in simulation ('' = <out-dir>/sites); real nodes set their own"),
+    # --- continual runs: checkpoints, resume, rollback, versions -------------------------
+    Key(
+        "checkpoint-every", int, 1, "checkpoint every N rounds (and always at the last round)", lambda v: v >= 1, ">= 1"
+    ),
+    Key("checkpoint-keep", int, 3, "checkpoints kept (the newest K)", lambda v: v >= 1, ">= 1"),
+    Key("resume-from", str, "", "run directory to continue from its newest valid checkpoint ('' = fresh run)"),
+    Key(
+        "rollback-patience",
+        int,
+        3,
+        "evaluated rounds in a row with loss worse than the best by rollback-tolerance before a rollback (0 = off)",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key(
+        "rollback-tolerance",
+        float,
+        0.5,
+        "relative eval-loss increase over the best version that counts as diverging",
+        _nonneg,
+        ">= 0",
+    ),
+    Key(
+        "versions-keep",
+        int,
+        20,
+        "model files kept for the newest N versions, besides the best and every released one (0 = all)",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key(
+        "server-lr-spike",
+        str,
+        "",
+        "rehearse a rollback: multiply the server step by F in rounds A..B, as 'A-B:F' ('' = off)",
+    ),
     # --- data ---------------------------------------------------------------------
     Key("dataset", str, "mnist5k", "digits | mnist5k | npz:PATH | csv:PATH | hf:NAME"),
     Key("partition", str, "dirichlet", "how simulation splits the data", *_choice("iid", "dirichlet", "shards")),
@@ -317,6 +353,8 @@ class StamenConfig:
             raise ConfigError("metrics-certfile and metrics-keyfile must be set together (TLS needs both)")
         if self["input-shape"]:
             self.input_shape  # noqa: B018 - parse now so a bad value fails at start
+        if self["server-lr-spike"]:
+            self.server_lr_spike  # noqa: B018 - parse now so a bad value fails at start
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -350,6 +388,22 @@ class StamenConfig:
         if not shape or min(shape) < 1:
             raise ConfigError(f"run config 'input-shape' must be positive integers, got {text!r}")
         return shape
+
+    @property
+    def server_lr_spike(self) -> tuple[int, int, float] | None:
+        """Parsed ``server-lr-spike`` as (first round, last round, factor), or None when off."""
+        text = str(self["server-lr-spike"]).strip()
+        if not text:
+            return None
+        try:
+            rounds, factor = text.split(":")
+            first, _, last = rounds.partition("-")
+            spike = (int(first), int(last or first), float(factor))
+        except ValueError:
+            raise ConfigError(f"run config 'server-lr-spike' must look like 'A-B:F', got {text!r}") from None
+        if not (1 <= spike[0] <= spike[1] and math.isfinite(spike[2]) and spike[2] > 0):
+            raise ConfigError(f"run config 'server-lr-spike' needs 1 <= A <= B and F > 0, got {text!r}")
+        return spike
 
     def as_dict(self) -> dict[str, Scalar]:
         """Plain dict, in table order, for ``config.json`` and messages."""

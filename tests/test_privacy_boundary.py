@@ -22,6 +22,7 @@ from client.ledger import PrivacyLedger
 from common.boundary import FIELDS, Treatment, unaccounted
 from common.config import StamenConfig
 from common.convert import arrays_to_record, model_to_arrays
+from common.instruction import schema_header
 from common.models import build_model
 from common.reply import Status, screen_reply
 from common.state import SiteStore
@@ -46,6 +47,7 @@ def _run_config(tmp_path: Path, **changes: Any) -> dict[str, Any]:
         "model-name": "cnn8",
         "model-input-shape": [1, 8, 8],
         "model-num-classes": 10,
+        **schema_header(),
     }
 
 
