@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
+import pytest
 from flwr.app import Message, MessageType, RecordDict
 
+from common.config import StamenConfig
 from server.grid_rounds import exchange, wait_for_nodes
+from server.loop import Federation, RunFailed
 
 
 class FakeGrid:
@@ -77,3 +82,19 @@ def test_wait_for_nodes_goes_on_with_those_there_after_the_timeout() -> None:
     t0 = time.monotonic()
     assert wait_for_nodes(grid, 3, timeout=0.3) == [4]  # type: ignore[arg-type]
     assert time.monotonic() - t0 >= 0.3
+
+
+def test_rounds_without_enough_connected_sites_are_skipped_then_the_run_stops(
+    tmp_path: Path, serverapp_identity: None
+) -> None:
+    """No site ever connects: each round waits ``wait-for-sites``, is skipped with its reason
+    recorded, and ``max-empty-rounds`` such rounds end the run with a clear error."""
+    cfg = StamenConfig.from_mapping(
+        {"dataset": "digits", "num-server-rounds": 5, "max-empty-rounds": 2, "wait-for-sites": 0.2,
+         "min-available-sites": 2, "out-dir": str(tmp_path)}
+    )  # fmt: skip
+    grid = FakeGrid(set(), nodes=[[]])
+    with pytest.raises(RunFailed, match="0 sites connected"):
+        Federation(grid, cfg, tmp_path).run()  # type: ignore[arg-type]
+    rows = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["skipped"], r["sampled"], r["updated"]) for r in rows] == [(1, 1, 0, False)]
