@@ -160,6 +160,7 @@ class ContinualRun:
             "sampler": self.sampler.state_dict(),
             "best": {"round": self.best.round, "accuracy": self.best.accuracy, "loss": self.best.loss},
             "best_version": self.best.version,
+            "highest_version": self.registry.highest,
             "totals": dict(self.totals),
             "handshake_rejected": dict(self.directory.rejected),
             "privacy": self.privacy,
@@ -186,9 +187,8 @@ class ContinualRun:
                 f"checkpoint {ckpt.path} holds a {state['model']['name']} model of another layout than this run's "
                 f"{self.model_name}"
             )
-        order = list(
-            self.arrays
-        )  # the model's key order: safetensors stores keys sorted, replies are screened in order
+        # The model's own key order: safetensors stores keys sorted, and replies are screened in order.
+        order = list(self.arrays)
         self.arrays = {k: ckpt.arrays["model"][k] for k in order}
         best = ckpt.arrays.get("best")
         self.optimizer.load_state_dict(
@@ -210,7 +210,7 @@ class ContinualRun:
         self.rollbacks, self.resumes = list(state["rollbacks"]), list(state["resumes"])
         self.start_round, self.empty, self.elapsed_before = ckpt.round + 1, int(state["empty_rounds"]), state["elapsed"]
         self.version = ckpt.version
-        abandoned = self.registry.abandon_after(ckpt.version)
+        abandoned = self.registry.abandon_after(int(state["highest_version"]))
         self.resumes.append(
             {
                 "after_round": ckpt.round,

@@ -63,6 +63,7 @@ GAUGES: dict[str, str] = {
     "stamen_epsilon_budget": "the per-site epsilon budget of the run",
     "stamen_epsilon_budget_remaining_min": "smallest remaining epsilon budget over the sites",
     "stamen_server_epsilon": "epsilon of client-level DP on the server (DP-FedAvg) so far",
+    "stamen_model_version": "number of the global model version in use (a rollback returns to an older one)",
 }
 
 
@@ -96,6 +97,7 @@ class Exporter:
         reg = self.registry
         self.round = Gauge("stamen_round", "the round in progress (or last run)", registry=reg)
         self.rounds_completed = Counter("stamen_rounds_completed", "rounds completed", registry=reg)
+        self.rollbacks = Counter("stamen_rollbacks", "rollbacks to the best model version", registry=reg)
         self.round_seconds = Histogram(
             "stamen_round_duration_seconds", "wall time of a round", buckets=ROUND_SECONDS_BUCKETS, registry=reg
         )

@@ -54,6 +54,7 @@ class RoundObserver:
         self.epsilon: dict[str, float] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.rollbacks_seen = 0
 
     def start_round(self, server_round: int, sites_connected: int) -> None:
         """A round begins with ``sites_connected`` sites known."""
@@ -136,6 +137,9 @@ class RoundObserver:
         ex.set_gauge("stamen_train_loss", row.get("train_loss"))
         ex.set_gauge("stamen_server_momentum_l2_norm", row.get("server_buffer_norm"))
         ex.set_gauge("stamen_server_epsilon", row.get("server_epsilon"))
+        ex.set_gauge("stamen_model_version", row.get("version"))
+        ex.rollbacks.inc(max(0, int(row.get("rollbacks", 0)) - self.rollbacks_seen))
+        self.rollbacks_seen = max(self.rollbacks_seen, int(row.get("rollbacks", 0)))
         ex.stamp_round(float(row["seconds"]))
 
     def finish(self) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class VersionRegistry:
         raise StateError(f"version {version} is not in the registry {self.dir / INDEX}")
 
     def abandon_after(self, version: int) -> list[int]:
-        """Mark versions above ``version`` (made after the checkpoint resumed from) abandoned."""
+        """Mark versions above ``version`` (the highest the resumed checkpoint knew) abandoned."""
         lost = [e["version"] for e in self.entries if e["version"] > version and e["status"] != "abandoned"]
         for e in self.entries:
             if e["version"] in lost:

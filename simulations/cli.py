@@ -1,4 +1,4 @@
-"""The ``stamen`` command line: simulate (and resume), lr-find, plot, versions.
+"""The ``stamen`` command line: simulate (and resume), lr-find, plot, versions, bench.
 
 Bad input ends with one clear line naming the problem and exit code 2, never a
 traceback. A simulation runs in a child process in its own process group, under a
@@ -381,6 +381,23 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory with summ
         raise StamenError(f"{path} does not exist")
     for png in plot_run(json.loads(path.read_text()), run_dir):
         typer.echo(png)
+
+
+@app.command()
+@clean_errors
+def bench(
+    scenarios: Annotated[list[str] | None, typer.Argument(help="scenarios to run (default: all)")] = None,
+    out: Annotated[Path | None, typer.Option(help="results directory (default runs/bench-<timestamp>)")] = None,
+    quick: Annotated[bool, typer.Option(help="every scenario at reduced size, a few minutes in all")] = False,
+) -> None:
+    """Benchmarks: stamen against the compute floor, plain Flower and its goals (DIR/bench.json)."""
+    from simulations.bench.runner import run_bench
+
+    out_dir = out or Path("runs", "bench-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
+    results = run_bench(scenarios or [], out_dir, quick=quick, echo=typer.echo)
+    typer.echo(f"stamen bench: {len(results)} scenario(s) -> {out_dir / 'bench.json'}")
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
 
 
 app.command("node")(clean_errors(deploy_cli.node))

@@ -71,7 +71,7 @@ def export(
 @versions_app.command("pin")
 @clean_errors
 def pin_(run_dir: RunDir, version: Annotated[int, typer.Argument(help="the version to release")]) -> None:
-    """Release exactly VERSION (no checks): ``export --released`` gives it."""
+    """Release exactly VERSION (no checks): export --released gives it."""
     done = pin(run_dir, version)
     typer.echo(f"released version {done['version']} (was {done['previous']})")
 

@@ -25,8 +25,9 @@ from common.config import StamenConfig
 from server.checkpoint import Checkpoint, CheckpointStore
 from simulations.cli import app
 
-# DP-SGD with noise seeded per (site, round), 2 of 4 sites sampled per round; a fixed
-# cosine horizon, so a 3-round run and a 6-round run follow the same LR schedule.
+# DP-SGD with noise seeded per (site, round), 2 of 4 sites sampled per round, and client-level
+# DP on the server (noise seeded per round); a fixed cosine horizon, so a 3-round run and a
+# 6-round run follow the same LR schedule.
 DP_RUN = (
     "--clients",
     "4",
@@ -43,6 +44,10 @@ DP_RUN = (
     "lr-horizon-rounds=6",
     "--set",
     "min-partition-size=10",
+    "--set",
+    "server-dp-clip=5.0",
+    "--set",
+    "server-dp-noise=0.01",
 )
 
 
@@ -72,6 +77,9 @@ def _assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     sampled = [r["sampled_sites"] for r in _summary(uninterrupted)["history"]]
     assert [r["sampled_sites"] for r in _summary(resumed)["history"]] == sampled
     assert len(set(sampled)) > 1, "the sampler really varies the sites"
+    server_eps = [r["server_epsilon"] for r in _summary(uninterrupted)["history"]]
+    assert [r["server_epsilon"] for r in _summary(resumed)["history"]] == server_eps
+    assert server_eps == sorted(server_eps) and server_eps[0] > 0
 
 
 @pytest.fixture(scope="module")

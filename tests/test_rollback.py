@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from common.config import StamenConfig
+from server.observe import RoundObserver
 from server.rollback import DivergenceRule, spiked_step
 from server.strategy.factory import make_server_optimizer
 
@@ -58,3 +60,13 @@ def test_a_spiked_step_is_the_step_with_a_larger_server_lr(name: str) -> None:
         np.testing.assert_allclose(x["w"], y["w"], rtol=1e-5, atol=1e-6)
         assert x["n"][0] == y["n"][0] == aggregate["n"][0]
         assert x["w"].dtype == np.float32
+
+
+def test_model_version_and_rollbacks_are_exported() -> None:
+    observer = RoundObserver(StamenConfig.from_mapping({}))
+    observer.start_round(7, 3)
+    observer.end_round({"round": 7, "seconds": 1.0, "loss": 0.5, "version": 5, "rollbacks": 2})
+    registry = observer.exporter.registry
+    assert registry.get_sample_value("stamen_model_version") == 5
+    assert registry.get_sample_value("stamen_rollbacks_total") == 2
+    observer.finish()
