@@ -86,7 +86,7 @@ class NodeSettings:
     torch_threads: int = 0
 
 
-def _private(path: Path, what: str, mask: int) -> None:
+def check_private(path: Path, what: str, mask: int) -> None:
     """Refuse ``path`` if its mode grants any of ``mask`` (0o007: others; 0o077: group and others)."""
     mode = path.stat().st_mode
     if mode & mask:
@@ -94,7 +94,7 @@ def _private(path: Path, what: str, mask: int) -> None:
         raise ConfigError(f"{what} {path} is accessible to others (mode {stat.filemode(mode)}): chmod {who}-rwx it")
 
 
-def _readable_file(path: Path, what: str) -> Path:
+def readable_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist or is not a file")
     if not os.access(path, os.R_OK):
@@ -115,7 +115,7 @@ def _check_data(settings: NodeSettings) -> None:
     kind, sep, path = settings.data.partition(":")
     if not sep or kind not in ("npz", "csv") or not path:
         raise ConfigError(f"--data must be npz:PATH or csv:PATH, got {settings.data!r}")
-    _readable_file(Path(path), "data file")
+    readable_file(Path(path), "data file")
 
 
 def _check_state_dir(path: Path) -> None:
@@ -123,7 +123,7 @@ def _check_state_dir(path: Path) -> None:
         raise ConfigError(f"state directory {path} does not exist (create it with: install -d -m 700 {path})")
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise ConfigError(f"state directory {path} is not writable by this user")
-    _private(path, "state directory", 0o007)
+    check_private(path, "state directory", 0o007)
 
 
 def _check_tls(settings: NodeSettings) -> None:
@@ -139,13 +139,13 @@ def _check_tls(settings: NodeSettings) -> None:
         raise ConfigError("--root-certificates (the federation's CA) is required unless --insecure (development only)")
     if settings.auth_key is None:
         raise ConfigError("--auth-key (this node's private key, deploy/tls/make-node-key.sh) is required")
-    ca = _readable_file(settings.root_certificates, "root certificate file")
+    ca = readable_file(settings.root_certificates, "root certificate file")
     try:
         x509.load_pem_x509_certificates(ca.read_bytes())
     except ValueError as exc:
         raise ConfigError(f"root certificate file {ca} holds no PEM certificate: {exc}") from None
-    key = _readable_file(settings.auth_key, "authentication key")
-    _private(key, "authentication key", 0o077)
+    key = readable_file(settings.auth_key, "authentication key")
+    check_private(key, "authentication key", 0o077)
     try:
         private = load_ssh_private_key(key.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
@@ -207,7 +207,7 @@ def node_config(settings: NodeSettings) -> dict[str, object]:
     return config
 
 
-def _binary(name: str) -> str:
+def flower_binary(name: str) -> str:
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     if not found:
@@ -217,7 +217,7 @@ def _binary(name: str) -> str:
 
 def supernode_command(settings: NodeSettings, secret_file: Path | None) -> list[str]:
     """The ``flower-supernode`` command line for ``settings``."""
-    cmd = [_binary("flower-supernode"), "--superlink", settings.superlink]
+    cmd = [flower_binary("flower-supernode"), "--superlink", settings.superlink]
     if settings.insecure:
         cmd.append("--insecure")
     else:
@@ -240,7 +240,7 @@ def node_secret(state_dir: Path) -> Path:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(secrets.token_bytes(32))
-    _private(path, "executor secret", 0o077)
+    check_private(path, "executor secret", 0o077)
     return path
 
 

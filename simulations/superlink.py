@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError
-from simulations.node import _binary, _private, _readable_file
+from simulations.node import check_private, flower_binary, readable_file
 
 
 @dataclass
@@ -36,7 +36,7 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
     db_dir = settings.database.expanduser().resolve().parent
     if not db_dir.is_dir() or not os.access(db_dir, os.W_OK):
         raise ConfigError(f"database directory {db_dir} does not exist or is not writable")
-    cmd = [_binary("flower-superlink"), "--database", str(settings.database.expanduser().resolve())]
+    cmd = [flower_binary("flower-superlink"), "--database", str(settings.database.expanduser().resolve())]
     cmd += ["--host", settings.host, "--port", str(settings.port)]
     if settings.insecure:
         if settings.node_auth:
@@ -46,8 +46,8 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
         if settings.certificates is None:
             raise ConfigError("--certificates DIR (ca.crt, server.crt, server.key) is required unless --insecure")
         certs = settings.certificates
-        ca, crt, key = (_readable_file(certs / n, "certificate file") for n in ("ca.crt", "server.crt", "server.key"))
-        _private(key, "server key", 0o077)
+        ca, crt, key = (readable_file(certs / n, "certificate file") for n in ("ca.crt", "server.crt", "server.key"))
+        check_private(key, "server key", 0o077)
         cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(crt), "--ssl-keyfile", str(key)]
         if settings.node_auth:
             cmd.append("--enable-supernode-auth")
