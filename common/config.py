@@ -70,6 +70,23 @@ KEYS: tuple[Key, ...] = (
         ">= 0",
     ),
     Key("round-timeout", float, 600.0, "seconds the server waits for a round's replies", _pos, "> 0"),
+    Key("reply-poll-interval", float, 0.2, "seconds between the server's looks for replies", _pos, "> 0"),
+    Key(
+        "min-available-sites",
+        int,
+        1,
+        "connected sites a round waits for before sampling",
+        lambda v: v >= 1,
+        ">= 1",
+    ),
+    Key(
+        "wait-for-sites",
+        float,
+        60.0,
+        "seconds a round waits for min-available-sites, then goes on with those connected",
+        _nonneg,
+        ">= 0",
+    ),
     Key(
         "max-empty-rounds",
         int,

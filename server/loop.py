@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -41,6 +42,7 @@ from common.runrecord import build_run_record, derive_seeds, write_run_record
 from server.continual import Best, ContinualRun
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
+from server.grid_rounds import exchange, wait_for_nodes
 from server.observe import RoundObserver
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
@@ -50,6 +52,10 @@ from server.strategy.factory import make_server_optimizer
 from server.trust import TrustPolicy
 
 log = logging.getLogger("stamen.server")
+
+
+#: Error replies the SuperLink writes itself for a site that did not answer (heartbeat lost, instruction expired).
+UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)
 
 
 class RunFailed(StamenError):
@@ -80,6 +86,8 @@ def screen_round(
     out = Screened()
     seen: set[str] = set()
     for msg in replies:
+        if msg.has_error() and msg.error.code in UNAVAILABLE:
+            continue  # the SuperLink's word that the node or its reply never came: a failed site, counted missing
         expected = addressed.get(msg.metadata.src_node_id)
         try:
             if expected is None or expected in seen:
@@ -183,7 +191,10 @@ class Federation(ContinualRun):
         )
         self.state_dir = str(Path(cfg["state-dir"] or Path(out_dir) / "sites").resolve())
         self.directory = SiteDirectory(
-            grid, lambda: self._content(0, with_model=False), timeout=float(cfg["round-timeout"])
+            grid,
+            lambda: self._content(0, with_model=False),
+            timeout=float(cfg["round-timeout"]),
+            poll=float(cfg["reply-poll-interval"]),
         )
         self.best = Best()
         self.totals: Counter[str] = Counter()
@@ -208,13 +219,18 @@ class Federation(ContinualRun):
 
     def _send(self, sites: list[str], nodes: dict[str, int], kind: str, server_round: int) -> list[Message]:
         message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        deadline = float(self.cfg["round-timeout"])
         messages = [
             Message(
-                self._content(server_round), dst_node_id=nodes[s], message_type=message_type, group_id=str(server_round)
+                self._content(server_round),
+                dst_node_id=nodes[s],
+                message_type=message_type,
+                group_id=str(server_round),
+                ttl=deadline,
             )
             for s in sites
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        replies = exchange(self.grid, messages, timeout=deadline, poll=float(self.cfg["reply-poll-interval"])).replies
         self.observer.traffic(messages, replies)
         return replies
 
@@ -310,14 +326,23 @@ class Federation(ContinualRun):
         completed = server_round - 1
         while rounds == 0 or server_round <= rounds:
             t0 = time.monotonic()
+            wait_for_nodes(self.grid, int(self.cfg["min-available-sites"]), float(self.cfg["wait-for-sites"]))
             nodes = self.directory.refresh()
-            if not nodes:
-                raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
             self.observer.start_round(server_round, len(nodes))
-            row = {"round": server_round, **self._train_round(server_round, nodes)}
+            if len(nodes) >= int(self.cfg["min-train-sites"]):
+                row = {"round": server_round, **self._train_round(server_round, nodes)}
+            else:
+                row = {"round": server_round, "sampled": 0, "replied": 0, "refused": 0, "failed": 0, "rejected": 0}
+                row.update(updated=False, skipped=1)
+                log.warning(
+                    "round %d skipped: %d site(s) answered the identity handshake, min-train-sites is %s",
+                    server_round,
+                    len(nodes),
+                    self.cfg["min-train-sites"],
+                )
             if row["replied"] >= int(self.cfg["min-train-sites"]):
                 self.empty = 0
-            elif row["rejected"] + row["failed"] > 0:
+            elif row["rejected"] + row["failed"] + row.get("skipped", 0) > 0:
                 self.empty += 1
             else:
                 log.warning("round %d: every sampled site refused for its privacy budget", server_round)
@@ -325,7 +350,7 @@ class Federation(ContinualRun):
                 raise RunFailed(
                     f"{self.empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
                     f"(round {server_round}: {row['rejected']} rejected, {row['failed']} missing, "
-                    f"{row['refused']} refused); see the log for reasons"
+                    f"{row['refused']} refused, {len(nodes)} sites connected); see the log for reasons"
                 )
             row.update(self._federated_eval(server_round, nodes))
             load_arrays(self.model, self.arrays)
