@@ -74,6 +74,45 @@ def ray_processes() -> set[int]:
     return found
 
 
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, session id, start time in ticks) of a live process, None if gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return None if fields[0] in ("Z", "X") else (int(fields[1]), int(fields[3]), int(fields[19]))
+
+
+def _live() -> dict[int, tuple[int, int, int]]:
+    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    return {pid: st for pid, st in stats.items() if st is not None}
+
+
+def session_processes(root: int) -> dict[int, int]:
+    """``{pid: start}`` of every process in the sessions that ``root``'s descendants opened.
+
+    ``stamen simulate`` starts its engine in a session of its own, and Ray's daemons stay in
+    it after their parents exit; unlike a scan for Ray's names, this finds only this run's
+    processes while other simulations run on the machine.
+    """
+    procs = _live()
+    found, todo = set(), [root]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, st in procs.items() if st[0] == parent and pid not in found]
+        found.update(children)
+        todo.extend(children)
+    own = procs[root][1] if root in procs else -1
+    sessions = {procs[pid][1] for pid in found} - {own}
+    return {pid: st[2] for pid, st in procs.items() if st[1] in sessions}
+
+
+def still_running(processes: dict[int, int]) -> list[int]:
+    """The processes of :func:`session_processes` that are still alive (a reused pid is not)."""
+    return [pid for pid, start in processes.items() if (st := _stat(pid)) is not None and st[2] == start]
+
+
 @pytest.fixture
 def stamen_simulate() -> Callable[..., subprocess.CompletedProcess[str]]:
     """:func:`run_stamen_simulate`, for tests that start a simulation."""

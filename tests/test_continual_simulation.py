@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ray_processes, run_stamen_simulate
+from conftest import run_stamen_simulate, session_processes, still_running
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
@@ -155,7 +155,6 @@ def _wait_for_rows(progress: Path, rows: int, proc: subprocess.Popen[str], deadl
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_an_unbounded_run_after_its_round_with_a_checkpoint(sig: signal.Signals, tmp_path: Path) -> None:
-    before = ray_processes()
     out = tmp_path / "run"
     args = ["--clients", "3", "--rounds", "0", "--dataset", "digits", "--local-epochs", "3"]
     command = [sys.executable, "-m", "simulations", "simulate", *args, "--set", "lr-schedule=constant"]
@@ -167,6 +166,7 @@ def test_a_signal_stops_an_unbounded_run_after_its_round_with_a_checkpoint(sig: 
     )
     try:
         seen = _wait_for_rows(out / "progress.jsonl", 2, proc, time.monotonic() + 300)
+        engine = session_processes(proc.pid)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=240)
     finally:
@@ -184,7 +184,8 @@ def test_a_signal_stops_an_unbounded_run_after_its_round_with_a_checkpoint(sig: 
     finished = next(i for i, line in enumerate(log) if f"round {done}: checkpoint" in line)
     assert asked < finished, "the round in flight when the signal came was finished, not cut off"
     assert f"continue with: stamen simulate --resume {out}" in stdout
-    assert ray_processes() <= before, "the stopped simulation left Ray processes behind"
+    assert len(engine) > 2, "the engine, Ray's daemons and its actors were found"
+    assert still_running(engine) == [], "the stopped simulation left processes behind"
 
     if sig is signal.SIGTERM:  # and the stopped run continues where it stopped
         run_stamen_simulate(out, "--resume", str(out), "--rounds", str(done + 2))
