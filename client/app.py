@@ -17,10 +17,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.data import SiteData, load_site_data
-from client.dp import dp_schedule, train_private
-from client.ledger import PrivacyLedger, calibrate_noise
+from client.dp import train_private
+from client.pool import TrainingPool
+from client.replay import ReplayBuffer
+from client.shard_privacy import plan_private_round, spent
+from client.sources import site_view
 from client.train import pick_device, round_seed, train_local
+from client.view import SiteView
 from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from common.errors import ConfigError, StamenError
@@ -59,8 +62,17 @@ class Instruction:
             record_to_arrays(msg.content.array_records["arrays"]) if "arrays" in msg.content.array_records else None
         )
 
-    def data(self) -> SiteData:
-        return load_site_data(self.node_config, self.cfg)
+    def view(self, store: SiteStore, *, ingest: bool = False) -> SiteView:
+        """This site's data in this round (:mod:`client.sources`); ``ingest`` takes in new shards."""
+        server_round = max(self.server_round, 1)  # the handshake (round 0) sees the first round's data
+        return site_view(
+            self.node_config, self.cfg, server_round, store, self.input_shape, self.num_classes, ingest=ingest
+        )
+
+    def replay(self, store: SiteStore) -> ReplayBuffer | None:
+        """The site's replay buffer, or None when ``replay-size`` is 0."""
+        size = int(self.cfg["replay-size"])
+        return ReplayBuffer(store, size, derive_seeds(int(self.cfg["seed"]))["client"]) if size else None
 
     def store(self) -> SiteStore:
         """This site's state store: node config's ``state-dir``, else the run's (simulation)."""
@@ -95,7 +107,10 @@ def query(msg: Message, context: Context) -> Message:
     try:
         site_id = site_id_from_node_config(context.node_config)
         ins = Instruction(msg, context)
-        return make_reply(msg, site_id, Status.OK, metrics={"num-examples": ins.data().num_train})
+        num_train = ins.view(ins.store()).num_train
+        if num_train == 0:
+            return make_reply(msg, site_id, Status.NO_DATA, reason="no training data yet")
+        return make_reply(msg, site_id, Status.OK, metrics={"num-examples": num_train})
     except StamenError as exc:
         return _error_reply(msg, context, exc)
 
@@ -105,22 +120,36 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local SGD from the global model; reply with the local model."""
     try:
         ins = Instruction(msg, context)
-        data = ins.data()
+        store = ins.store()
+        view = ins.view(store, ingest=True)
+        replay = ins.replay(store)
+        pool = TrainingPool.build(view, replay.replay(view) if replay else None)
+        if len(pool) == 0:
+            return make_reply(msg, ins.site_id, Status.NO_DATA, reason="no training data this round")
         model = ins.model()
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
-        store = ins.store()
         if ins.cfg["dp"]:
-            return _train_private(msg, ins, data, model, store, seed, device)
-        result = train_local(
-            model, data.x_train, data.y_train, ins.cfg, server_round=ins.server_round, seed=seed, device=device
-        )
-        _record_participation(store, ins, result.num_examples)
-        return make_reply(
-            msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=result.metrics()
-        )
+            reply = _train_private(msg, ins, pool, model, store, seed, device)
+        else:
+            result = train_local(
+                model, pool.x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device
+            )
+            _record_participation(store, ins, result.num_examples)
+            reply = make_reply(
+                msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=result.metrics()
+            )
+        if replay is not None and _trained(reply):
+            replay.offer(view)
+            replay.save()
+        return reply
     except StamenError as exc:
         return _error_reply(msg, context, exc)
+
+
+def _trained(reply: Message) -> bool:
+    """Whether a train reply carries an update (the site trained this round)."""
+    return "arrays" in reply.content.array_records
 
 
 def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
@@ -136,46 +165,45 @@ def _record_participation(store: SiteStore, ins: Instruction, num_examples: int)
 def _train_private(
     msg: Message,
     ins: Instruction,
-    data: SiteData,
+    pool: TrainingPool,
     model: torch.nn.Module,
     store: SiteStore,
     seed: int,
     device: torch.device,
 ) -> Message:
-    """A DP-SGD round: refuse if it would overspend, else train and charge the ledger first.
+    """A DP-SGD round: refuse if it would overspend, else train and charge the ledger(s) first.
 
-    The ledger entry is written (atomically) before the reply is built, so a crash can
-    never under-count what was spent. A node's own ``epsilon-budget`` overrides the run's.
+    Which ledgers a round charges, and which data it may use, is the privacy policy's
+    (:mod:`client.shard_privacy`). Ledger entries are written (atomically) before the
+    reply is built, so a crash can never under-count what was spent. A node's own
+    ``epsilon-budget`` overrides the run's.
     """
     cfg = ins.cfg
-    delta, accountant = float(cfg["delta"]), str(cfg["accountant"])
     budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
-    rate, steps = dp_schedule(data.num_train, cfg)
-    sigma = float(cfg["noise-multiplier"]) or calibrate_noise(
-        float(cfg["target-epsilon"]), delta, rate, steps, int(cfg["privacy-horizon-rounds"]), accountant
-    )
-    ledger = PrivacyLedger.load(store, accountant)
-    reason = ledger.refusal(sigma, rate, steps, delta, budget)
-    if reason:
-        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=reason)
+    plan = plan_private_round(pool, store, cfg, budget)
+    if isinstance(plan, str):
+        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=plan)
+    if plan.excluded:
+        log.info("site %s: shards out of budget left out: %s", ins.site_id, ", ".join(sorted(plan.excluded)))
     result = train_private(
         model,
-        data.x_train,
-        data.y_train,
+        plan.pool.x,
+        plan.pool.y,
         cfg,
         server_round=ins.server_round,
         seed=seed,
         device=device,
-        noise_multiplier=sigma,
+        noise_multiplier=plan.noise_multiplier,
         max_grad_norm=float(cfg["max-grad-norm"]),
-        accountant_name=accountant,
+        accountant_name=str(cfg["accountant"]),
     )
-    result.commit(ledger)
+    plan.commit(result)
     _record_participation(store, ins, result.num_examples)
+    epsilon, ledger = spent(store, cfg)
     metrics = {
         **result.metrics(),
-        "epsilon": ledger.epsilon(delta),
-        "noise-multiplier": sigma,
+        "epsilon": epsilon,
+        "noise-multiplier": plan.noise_multiplier,
         "sample-rate": result.sample_rate,
         "ledger-steps": ledger.steps,
         "ledger-rounds": ledger.rounds,
@@ -188,9 +216,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
         ins = Instruction(msg, context)
-        data = ins.data()
-        if data.num_holdout == 0:
+        if float(ins.cfg["holdout-fraction"]) == 0:
             raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")
+        data = ins.view(ins.store())
+        if data.num_holdout == 0:
+            return make_reply(msg, ins.site_id, Status.NO_DATA, reason="no held-out data this round")
         loss, acc = evaluate_model(ins.model(), data.x_holdout, data.y_holdout, pick_device(str(ins.cfg["device"])))
         return make_reply(
             msg,

@@ -61,20 +61,24 @@ def _parse_entry(raw: Any) -> Entry:
 class PrivacyLedger:
     """One site's cumulative DP-SGD history, read from and written to its :class:`SiteStore`."""
 
-    def __init__(self, store: SiteStore, accountant: str, history: tuple[Entry, ...], rounds: int) -> None:
+    def __init__(
+        self, store: SiteStore, accountant: str, history: tuple[Entry, ...], rounds: int, name: str = LEDGER_ENTRY
+    ) -> None:
         self._store = store
         self._accountant = accountant
         self._history = history
         self._rounds = rounds
+        self._name = name
 
     @classmethod
-    def load(cls, store: SiteStore, accountant: str = "rdp") -> PrivacyLedger:
-        """The site's ledger; empty only if the site never recorded a DP round."""
+    def load(cls, store: SiteStore, accountant: str = "rdp", name: str = LEDGER_ENTRY) -> PrivacyLedger:
+        """The site's ledger (or, with ``name``, another one it keeps, e.g. a data shard's); empty
+        only if it never recorded a DP round."""
         check_accountant(accountant)
-        doc = store.read_json(LEDGER_ENTRY)
+        doc = store.read_json(name)
         if doc is None:
-            return cls(store, accountant, (), 0)
-        where = store.dir / f"{LEDGER_ENTRY}.json"
+            return cls(store, accountant, (), 0, name)
+        where = store.dir / f"{name}.json"
         try:
             stored = str(doc["accountant"])
             history = tuple(_parse_entry(e) for e in doc["history"])
@@ -86,7 +90,7 @@ class PrivacyLedger:
                 f"privacy ledger {where} was kept with the {stored!r} accountant, this run asks for "
                 f"{accountant!r}; the spent budget cannot be carried over, so set accountant={stored!r}"
             )
-        return cls(store, accountant, history, rounds)
+        return cls(store, accountant, history, rounds, name)
 
     @property
     def accountant(self) -> str:
@@ -133,7 +137,7 @@ class PrivacyLedger:
         history = _merged(self._history, entry)
         rounds = self._rounds + 1
         self._store.write_json(
-            LEDGER_ENTRY,
+            self._name,
             {"accountant": self._accountant, "history": [list(e) for e in history], "rounds": rounds},
         )
         self._history, self._rounds = history, rounds

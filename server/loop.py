@@ -31,6 +31,8 @@ from common.identity import SiteSampler
 from common.models import build_model, resolve_model_name
 from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, screen_reply
 from common.runrecord import build_run_record, derive_seeds, write_run_record
+from common.scenario import scenario_of
+from server.continual import TaskTracker
 from server.evaluate import evaluate_centrally, load_server_data
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
@@ -49,6 +51,7 @@ class Screened:
 
     good: list[SiteReply] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    idle: list[str] = field(default_factory=list)  # sites with no data for this message
     rejected: Counter[str] = field(default_factory=Counter)
     missing: int = 0
 
@@ -89,6 +92,8 @@ def screen_round(
             continue
         if reply.status is Status.REFUSED_BUDGET:
             out.refused.append(reply.site_id)
+        elif reply.status is Status.NO_DATA:
+            out.idle.append(reply.site_id)
         else:
             out.good.append(reply)
     out.missing = len(addressed) - len(seen)
@@ -138,6 +143,10 @@ class Federation:
             grid, lambda: self._content(0, with_model=False), timeout=float(cfg["round-timeout"])
         )
         self.best = Best()
+        self.scenario = scenario_of(cfg)
+        if self.scenario is not None:
+            self.scenario.check_against(self.data.num_classes, self.data.input_shape)
+        self.tasks = TaskTracker(self.scenario, self.data) if self.scenario and self.scenario.tasks else None
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
 
@@ -191,12 +200,13 @@ class Federation:
             "sampled": len(sites),
             "replied": len(screened.good),
             "refused": len(screened.refused),
+            "idle": len(screened.idle),
             "failed": screened.missing,
             "rejected": sum(screened.rejected.values()),
         }
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
-        self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "idle", "failed")})
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
@@ -241,7 +251,7 @@ class Federation:
             elif row["rejected"] + row["failed"] > 0:
                 empty += 1
             else:
-                log.warning("round %d: every sampled site refused for its privacy budget", server_round)
+                log.warning("round %d: every sampled site refused for its privacy budget or had no data", server_round)
             if empty >= int(self.cfg["max-empty-rounds"]):
                 raise RunFailed(
                     f"{empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
@@ -253,6 +263,8 @@ class Federation:
             central = evaluate_centrally(self.model, self.data)
             if central is not None:
                 row["central_loss"], row["central_accuracy"] = central
+            if self.tasks is not None:
+                row.update(self.tasks.observe(server_round, self.model))
             row["loss"] = row.get("central_loss", row.get("fed_loss", math.nan))
             row["accuracy"] = row.get("central_accuracy", row.get("fed_accuracy", math.nan))
             row["seconds"] = time.monotonic() - t0
@@ -290,6 +302,10 @@ class Federation:
             "seconds": seconds,
             "model": self.model_name,
         }
+        if self.scenario is not None:
+            summary["scenario"] = self.scenario.name
+        if self.tasks is not None:
+            summary["continual"] = self.tasks.summary()
         if self.cfg["dp"]:
             eps = [p["epsilon"] for p in self.privacy.values()]
             summary["privacy"] = {

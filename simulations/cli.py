@@ -51,11 +51,15 @@ def preflight(cfg: StamenConfig, clients: int) -> None:
     from common.datasets import load_dataset
     from common.partition import partition_indices
     from common.runrecord import derive_seeds
+    from common.scenario import scenario_of
     from server.evaluate import load_server_data
 
     if clients < 1:
         raise StamenError(f"--clients must be >= 1, got {clients}")
     data = load_dataset(str(cfg["dataset"]))
+    scenario = scenario_of(cfg)
+    if scenario is not None:
+        scenario.check_against(data.num_classes, data.input_shape, clients)
     partition_indices(
         data.y_train,
         clients,
@@ -66,6 +70,18 @@ def preflight(cfg: StamenConfig, clients: int) -> None:
         seed=derive_seeds(int(cfg["seed"]))["partition"],
     )
     load_server_data(cfg)
+
+
+def with_scenario_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` on top of its scenario's ``run-config``, the scenario given as a bundled name or an absolute path."""
+    from common.scenario import BUNDLED_DIR, load_scenario, resolve_path
+
+    spec = str(raw.get("scenario", "")).strip()
+    if not spec:
+        return raw
+    scenario = load_scenario(spec)
+    path = resolve_path(spec)
+    return {**scenario.run_config, **raw, "scenario": path.stem if path.parent == BUNDLED_DIR else str(path)}
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -163,6 +179,9 @@ def simulate(
     privacy_horizon_rounds: Annotated[int | None, typer.Option(help="rounds the calibration covers")] = None,
     epsilon_budget: Annotated[float | None, typer.Option(help="per-site budget (0 = target)")] = None,
     accountant: Annotated[str | None, typer.Option(help="rdp | prv")] = None,
+    scenario: Annotated[
+        str | None, typer.Option(help="scenario: a bundled name (simulations/scenarios/) or a YAML file")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="any run-config key=value; repeatable")] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the simulation is stopped")] = 3600.0,
@@ -196,6 +215,9 @@ def simulate(
     }
     raw: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     raw.update(parse_assignment(item) for item in set_ or [])
+    if scenario is not None:
+        raw["scenario"] = scenario
+    raw = with_scenario_defaults(raw)
     out_dir = (out or default_out_dir()).expanduser().resolve()
     raw["out-dir"] = str(out_dir)
     cfg = StamenConfig.from_mapping(raw)
@@ -226,6 +248,8 @@ def simulate(
     final = summary["final"]
     privacy = summary.get("privacy")
     spent = f", epsilon max {privacy['epsilon_max']:.2f} (delta {privacy['delta']:g})" if privacy else ""
+    if summary.get("continual"):
+        spent += f", mean forgetting {summary['continual']['forgetting_mean']:.3f}"
     typer.echo(
         f"stamen: {summary['rounds_completed']} rounds, final accuracy {final['accuracy']:.4f} "
         f"(loss {final['loss']:.4f}, {final['source']}){spent}, wall {wall:.1f}s -> {out_dir}"
