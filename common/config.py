@@ -107,7 +107,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "replay-size",
         int,
-        0,
+        200,
         "records each site keeps in its replay buffer and mixes into training (0 = off)",
         lambda v: v >= 0,
         ">= 0",

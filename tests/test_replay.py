@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clientdrive import OneSite
 
 from client.data import SiteData
 from client.pool import TrainingPool
 from client.replay import ReplayBuffer
 from client.view import SiteView
+from common.config import StamenConfig
+from common.datasets import load_dataset
 from common.errors import StateError
 from common.state import SiteStore
 
@@ -106,3 +109,20 @@ def test_damaged_replay_state_is_an_error_not_a_silent_reset(tmp_path: Path) -> 
     (store.dir / "replay-1.safetensors").unlink()
     with pytest.raises(StateError, match="arrays are missing"):
         ReplayBuffer(store, 4, seed=0)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_on_data_that_never_changes_replay_changes_nothing(tmp_path: Path) -> None:
+    """Every buffered record is still in the site's data, so nothing is replayed: the same models."""
+    data = load_dataset("digits")
+    np.savez(tmp_path / "site.npz", x=data.x_train[:300], y=data.y_train[:300])
+    models = {}
+    for size in (0, 200):
+        cfg = StamenConfig.from_mapping({"dataset": "digits", "replay-size": size})
+        node = {"site-id": "node-a", "data": f"npz:{tmp_path / 'site.npz'}", "state-dir": str(tmp_path / f"s{size}")}
+        site = OneSite(cfg, node, "logreg", (1, 8, 8), 10)
+        replies = [site.train(r) for r in (1, 2, 3)]
+        assert [r["num-examples"] for r in replies] == [285] * 3
+        models[size] = site.arrays
+    assert all(np.array_equal(models[0][k], models[200][k]) for k in models[0])
+    assert (tmp_path / "s200" / "node-a" / "replay.json").exists()
