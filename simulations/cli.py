@@ -149,6 +149,17 @@ def run_simulation_process(spec: dict[str, Any], out_dir: Path, timeout: float, 
             _stop_group(proc)
 
 
+def run_simulate_command(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``stamen simulate ARGS --out OUT`` in a child process, exactly as a user runs it (benchmarks, tests)."""
+    command = [sys.executable, "-m", "simulations", "simulate", *args, "--out", str(out), "--no-progress"]
+    return subprocess.run(
+        [*command, "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
+
+
 def default_out_dir() -> Path:
     """``runs/<UTC timestamp>``."""
     return Path("runs", datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))

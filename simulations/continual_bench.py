@@ -11,13 +11,13 @@ final accuracy with experience replay against about 0.20 without.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from common.errors import StamenError
+from simulations.cli import run_simulate_command
 
 REPLAY_SIZE = 200
 SETTINGS = {False: ("split-mnist", 5), True: ("split-digits", 3)}
@@ -25,28 +25,8 @@ SETTINGS = {False: ("split-mnist", 5), True: ("split-digits", 3)}
 
 def _simulate(out: Path, scenario: str, clients: int, replay: int, timeout: float) -> dict[str, Any]:
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations",
-            "simulate",
-            "--scenario",
-            scenario,
-            "--clients",
-            str(clients),
-            "--set",
-            f"replay-size={replay}",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--timeout",
-            str(timeout),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout + 60,
-    )
+    args = ["--scenario", scenario, "--clients", str(clients), "--set", f"replay-size={replay}"]
+    result = run_simulate_command(out, *args, timeout=timeout)
     if result.returncode != 0:
         raise StamenError(f"continual benchmark run {out} failed: {result.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
