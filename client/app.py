@@ -38,9 +38,9 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=4)
-def _model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+def _model(name: str, input_shape: tuple[int, ...], num_classes: int, dp: bool, fix: bool) -> torch.nn.Module:
     """One model object per architecture and process; weights are loaded every call."""
-    return build_model(name, input_shape, num_classes)
+    return build_model(name, input_shape, num_classes, dp=dp, fix=fix)
 
 
 class Instruction:
@@ -61,6 +61,14 @@ class Instruction:
         self.arrays = (
             record_to_arrays(msg.content.array_records["arrays"]) if "arrays" in msg.content.array_records else None
         )
+
+    @property
+    def public_stats(self) -> bool:
+        """Whether raw-record statistics may leave this DP site: the node's own setting wins over the run's."""
+        value = self.node_config.get("dp-public-stats", self.cfg["dp-public-stats"])
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes")
+        return bool(value)
 
     def view(self, store: SiteStore, *, ingest: bool = False) -> SiteView:
         """This site's data in this round (:mod:`client.sources`); ``ingest`` takes in new shards."""
@@ -84,7 +92,9 @@ class Instruction:
     def model(self) -> torch.nn.Module:
         if self.arrays is None:
             raise ConfigError("instruction carries no model arrays")
-        model = _model(self.model_name, self.input_shape, self.num_classes)
+        model = _model(
+            self.model_name, self.input_shape, self.num_classes, bool(self.cfg["dp"]), bool(self.cfg["dp-fix-model"])
+        )
         load_arrays(model, self.arrays)
         return model
 
@@ -103,14 +113,15 @@ def _error_reply(msg: Message, context: Context, exc: StamenError) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Identity handshake: who this site is and how much data it holds."""
+    """Identity handshake: who this site is and (with DP off) how much data it holds."""
     try:
         site_id = site_id_from_node_config(context.node_config)
         ins = Instruction(msg, context)
         num_train = ins.view(ins.store()).num_train
         if num_train == 0:
             return make_reply(msg, site_id, Status.NO_DATA, reason="no training data yet")
-        return make_reply(msg, site_id, Status.OK, metrics={"num-examples": num_train})
+        metrics = {"num-examples": num_train} if not ins.cfg["dp"] or ins.public_stats else {}
+        return make_reply(msg, site_id, Status.OK, metrics=metrics)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
 
@@ -180,7 +191,7 @@ def _train_private(
     """
     cfg = ins.cfg
     budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
-    plan = plan_private_round(pool, store, cfg, budget)
+    plan = plan_private_round(pool, store, cfg, budget, seed)
     if isinstance(plan, str):
         return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=plan)
     if plan.excluded:
@@ -195,6 +206,7 @@ def _train_private(
         device=device,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=float(cfg["max-grad-norm"]),
+        planned_examples=plan.count,
         accountant_name=str(cfg["accountant"]),
     )
     plan.commit(result)
@@ -202,12 +214,16 @@ def _train_private(
     epsilon, ledger = spent(store, cfg)
     metrics = {
         **result.metrics(),
+        "num-examples": plan.count,
         "epsilon": epsilon,
         "noise-multiplier": plan.noise_multiplier,
         "sample-rate": result.sample_rate,
         "ledger-steps": ledger.steps,
         "ledger-rounds": ledger.rounds,
+        "ledger-releases": len(ledger.releases),
     }
+    if not ins.public_stats:
+        del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
 
 
@@ -216,6 +232,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
         ins = Instruction(msg, context)
+        if ins.cfg["dp"] and not ins.public_stats:
+            raise ConfigError(
+                "evaluation statistics of a DP site are not noised: it takes part in federated evaluation "
+                "only with dp-public-stats = true"
+            )
         if float(ins.cfg["holdout-fraction"]) == 0:
             raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")
         data = ins.view(ins.store())

@@ -12,11 +12,12 @@ fed by the DP optimizer's step hook, which runs once per noisy step actually tak
 :meth:`DPTrainResult.commit` writes exactly that to the site's
 :class:`~client.ledger.PrivacyLedger`. A round on a site::
 
-    rate, steps = dp_schedule(num_examples, cfg)
-    sigma = noise_multiplier or calibrate_noise(target, delta, rate, steps, horizon, accountant)
     ledger = PrivacyLedger.load(store, accountant)
+    count = released_count(store, ledger, y, ...)  # charged once per data version
+    rate, steps = dp_schedule(count, cfg)
+    sigma = noise_multiplier or calibrate_noise(target, delta, rate, steps, horizon, accountant, ledger.releases)
     if reason := ledger.refusal(sigma, rate, steps, delta, budget): reply refused_budget
-    result = train_private(model, x, y, cfg, ..., noise_multiplier=sigma, ...)
+    result = train_private(model, x, y, cfg, ..., noise_multiplier=sigma, planned_examples=count)
     result.commit(ledger)  # before the reply is built
     reply model_to_arrays(model), epsilon = ledger.epsilon(delta)
 
@@ -35,17 +36,18 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from client.ledger import PrivacyLedger, check_accountant
 from client.train import TrainResult, autocast_dtype, make_optimizer
 from common.config import StamenConfig
 from common.errors import ConfigError
+from common.models import check_private_model
 from common.schedule import lr_at
 
 # Per-sample gradients by Opacus's hooks. Measured on CPU (cnn28, 400 examples, one thread),
@@ -72,38 +74,16 @@ class DPTrainResult(TrainResult):
 
 
 def dp_schedule(num_examples: int, cfg: StamenConfig) -> tuple[float, int]:
-    """``(sample_rate, noisy steps per round)`` as Opacus will run them, to plan before training.
+    """``(sample_rate, noisy steps per round)`` for a site of ``num_examples``, to plan before training.
 
-    ``make_private`` sets the rate to ``1 / len(data_loader)`` (about logical batch /
-    examples) and its Poisson sampler draws ``int(1 / rate)`` batches per epoch.
+    On a DP site ``num_examples`` is the *released* count (:mod:`client.release`), so the
+    schedule — and everything computed from it that leaves the site — is post-processing
+    of a charged release, never of the exact size. The rate is ``1 / batches per epoch``
+    so that Opacus's Poisson sampler draws exactly ``1 / rate`` batches per epoch.
     """
     logical_batch = int(cfg["batch-size"]) * int(cfg["accum-steps"])
     rate = 1 / math.ceil(num_examples / logical_batch)
     return rate, int(cfg["local-epochs"]) * int(1 / rate)
-
-
-def check_private_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
-    """``model`` if Opacus can train it (``fix``: a fixed copy, e.g. BatchNorm -> GroupNorm).
-
-    A fixed model has other parameters, so fix where the model is built, on every site
-    and the server alike, not per round.
-    """
-    if fix:
-        model = ModuleValidator.fix(model)
-    was_training = model.training
-    try:
-        _validate(model.train())
-    finally:
-        model.train(was_training)
-    return model
-
-
-def _validate(model: nn.Module) -> None:
-    """Opacus's checks of a model in training mode, as one ConfigError listing every problem."""
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        listed = "; ".join(str(e) for e in errors)
-        raise ConfigError(f"model {type(model).__name__} cannot be trained with DP-SGD (Opacus): {listed}")
 
 
 def train_private(
@@ -117,12 +97,16 @@ def train_private(
     device: torch.device,
     noise_multiplier: float,
     max_grad_norm: float,
+    planned_examples: int,
     accountant_name: str = "rdp",
 ) -> DPTrainResult:
     """Run ``local-epochs`` of DP-SGD and load the result into ``model`` (unwrapped keys).
 
     Opacus wraps a fresh copy each round, so hooks are never added twice to the caller's
-    cached model object. ``seed`` drives both the Poisson sampler and the noise.
+    cached model object. ``seed`` drives both the Poisson sampler and the noise. The
+    sample rate comes from ``planned_examples`` (the released count, see
+    :func:`dp_schedule`) and the noisy sum is divided by the expected batch computed from
+    it, so no exact record count enters what leaves the site.
     """
     if not (noise_multiplier > 0 and max_grad_norm > 0):
         raise ConfigError(
@@ -135,10 +119,9 @@ def train_private(
     batch_size, accum, epochs = int(cfg["batch-size"]), int(cfg["accum-steps"]), int(cfg["local-epochs"])
 
     work = copy.deepcopy(model).to(device).train()
-    _validate(work)
-    loader = DataLoader(
-        TensorDataset(x, y), batch_size=batch_size * accum, generator=torch.Generator().manual_seed(seed)
-    )
+    check_private_model(work)
+    rate, _ = dp_schedule(planned_examples, cfg)
+    loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate, generator=torch.Generator().manual_seed(seed))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=accountant_name, secure_mode=False)
@@ -150,7 +133,9 @@ def train_private(
         max_grad_norm=max_grad_norm,
         noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
         grad_sample_mode=GRAD_SAMPLE_MODE,
+        poisson_sampling=False,  # the loader above already samples Poisson at the planned rate
     )
+    optimizer.expected_batch_size = max(1, round(planned_examples * rate))
     accountant_hook = optimizer.step_hook
     norms: list[float] = []
 

@@ -1,22 +1,25 @@
 """The site's privacy ledger: every DP-SGD step the site ever took, composed by Opacus.
 
 The ledger is an Opacus accountant's history — ``(noise_multiplier, sample_rate,
-steps)`` entries — persisted in the site's state store, so epsilon composes across
-every round, run and restart of the site. A fresh accountant per round would report one
-round's epsilon as the total; so the ledger is loaded from the store every time and is
-never re-created empty for a site that has one (an unreadable or foreign ledger is a
-:class:`~common.errors.StateError`, not a reset).
+steps)`` entries of DP-SGD — plus the noise multipliers of the site's Gaussian releases
+of statistics (:mod:`client.release`; each is one step at sample rate 1), persisted in
+the site's state store, so epsilon composes across every round, run and restart of the
+site. RDP and PRV composition do not depend on order, so the two lists are kept apart.
+A fresh accountant per round would report one round's epsilon as the total; so the
+ledger is loaded from the store every time and is never re-created empty for a site
+that has one (an unreadable or foreign ledger is a :class:`~common.errors.StateError`,
+not a reset).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
-from common.errors import ConfigError, StateError
+from common.errors import ConfigError, StamenError, StateError
 from common.state import SiteStore
 
 LEDGER_ENTRY = "privacy_ledger"
@@ -40,12 +43,15 @@ def _merged(history: tuple[Entry, ...], entry: Entry) -> tuple[Entry, ...]:
     return (*history, entry)
 
 
-def _epsilon(accountant: str, history: tuple[Entry, ...], delta: float) -> float:
-    """Epsilon of ``history`` at ``delta``, computed by a fresh Opacus accountant."""
-    if not history:
+def _epsilon(accountant: str, history: tuple[Entry, ...], delta: float, releases: tuple[float, ...] = ()) -> float:
+    """Epsilon of ``history`` and ``releases`` at ``delta``, computed by a fresh Opacus accountant."""
+    entries = list(history)
+    for sigma in sorted(set(releases)):
+        entries.append((sigma, 1.0, releases.count(sigma)))
+    if not entries:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = list(history)
+    acc.history = entries
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -58,16 +64,34 @@ def _parse_entry(raw: Any) -> Entry:
     return sigma, rate, steps
 
 
+def _parse_release(raw: Any) -> float:
+    sigma = float(raw)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"release noise multiplier {raw!r} is not > 0")
+    return sigma
+
+
+class OverBudget(StamenError):
+    """A release or round was refused because it would take the site past its budget."""
+
+
 class PrivacyLedger:
     """One site's cumulative DP-SGD history, read from and written to its :class:`SiteStore`."""
 
     def __init__(
-        self, store: SiteStore, accountant: str, history: tuple[Entry, ...], rounds: int, name: str = LEDGER_ENTRY
+        self,
+        store: SiteStore,
+        accountant: str,
+        history: tuple[Entry, ...],
+        rounds: int,
+        releases: tuple[float, ...] = (),
+        name: str = LEDGER_ENTRY,
     ) -> None:
         self._store = store
         self._accountant = accountant
         self._history = history
         self._rounds = rounds
+        self._releases = releases
         self._name = name
 
     @classmethod
@@ -77,12 +101,13 @@ class PrivacyLedger:
         check_accountant(accountant)
         doc = store.read_json(name)
         if doc is None:
-            return cls(store, accountant, (), 0, name)
+            return cls(store, accountant, (), 0, (), name)
         where = store.dir / f"{name}.json"
         try:
             stored = str(doc["accountant"])
             history = tuple(_parse_entry(e) for e in doc["history"])
             rounds = int(doc["rounds"])
+            releases = tuple(_parse_release(r) for r in doc.get("releases", []))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"privacy ledger {where} is malformed: {exc}") from exc
         if stored != accountant:
@@ -90,7 +115,7 @@ class PrivacyLedger:
                 f"privacy ledger {where} was kept with the {stored!r} accountant, this run asks for "
                 f"{accountant!r}; the spent budget cannot be carried over, so set accountant={stored!r}"
             )
-        return cls(store, accountant, history, rounds, name)
+        return cls(store, accountant, history, rounds, releases, name)
 
     @property
     def accountant(self) -> str:
@@ -105,16 +130,23 @@ class PrivacyLedger:
         return self._rounds
 
     @property
+    def releases(self) -> tuple[float, ...]:
+        """Noise multipliers of the site's Gaussian releases of statistics, one per release."""
+        return self._releases
+
+    @property
     def steps(self) -> int:
+        """DP-SGD noisy steps (releases not counted)."""
         return sum(e[2] for e in self._history)
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far by this site, over its whole history."""
-        return _epsilon(self._accountant, self._history, delta)
+        return _epsilon(self._accountant, self._history, delta, self._releases)
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
         """Epsilon the site would have spent after a further round of ``steps`` noisy steps."""
-        return _epsilon(self._accountant, _merged(self._history, (noise_multiplier, sample_rate, steps)), delta)
+        history = _merged(self._history, (noise_multiplier, sample_rate, steps))
+        return _epsilon(self._accountant, history, delta, self._releases)
 
     def refusal(
         self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, budget: float
@@ -128,19 +160,43 @@ class PrivacyLedger:
             f"(delta {delta:g}), above the budget {budget:g}"
         )
 
+    def release_refusal(self, noise_multiplier: float, delta: float, budget: float) -> str | None:
+        """Why one more release of statistics must not be made (it would end above ``budget``), or None."""
+        after = _epsilon(self._accountant, self._history, delta, (*self._releases, noise_multiplier))
+        if after <= budget:
+            return None
+        return (
+            f"privacy budget: releasing this site's statistics would bring epsilon from {self.epsilon(delta):.4g} "
+            f"to {after:.4g} (delta {delta:g}), above the budget {budget:g}"
+        )
+
     def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         """Add one round's executed steps and persist atomically, before the update may leave the site."""
         try:
             entry = _parse_entry([noise_multiplier, sample_rate, steps])
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"cannot record a DP round: {exc}") from exc
-        history = _merged(self._history, entry)
-        rounds = self._rounds + 1
+        self._write(_merged(self._history, entry), self._rounds + 1, self._releases)
+
+    def record_release(self, noise_multiplier: float) -> None:
+        """Charge one Gaussian release of statistics (sensitivity-scaled noise) and persist atomically."""
+        try:
+            sigma = _parse_release(noise_multiplier)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot record a release: {exc}") from exc
+        self._write(self._history, self._rounds, (*self._releases, sigma))
+
+    def _write(self, history: tuple[Entry, ...], rounds: int, releases: tuple[float, ...]) -> None:
         self._store.write_json(
             self._name,
-            {"accountant": self._accountant, "history": [list(e) for e in history], "rounds": rounds},
+            {
+                "accountant": self._accountant,
+                "history": [list(e) for e in history],
+                "rounds": rounds,
+                "releases": list(releases),
+            },
         )
-        self._history, self._rounds = history, rounds
+        self._history, self._rounds, self._releases = history, rounds, releases
 
 
 def calibrate_noise(
@@ -150,23 +206,47 @@ def calibrate_noise(
     steps_per_round: int,
     horizon_rounds: int,
     accountant: str = "rdp",
+    releases: tuple[float, ...] = (),
 ) -> float:
-    """The noise multiplier that spends ``target_epsilon`` over ``horizon_rounds`` rounds of this site."""
+    """The DP-SGD noise multiplier that spends ``target_epsilon`` over ``horizon_rounds`` rounds of this site.
+
+    The site's ``releases`` (statistics it has released, charged to the same ledger) are
+    part of the spend. Opacus's ``get_noise_multiplier`` calibrates one homogeneous
+    mechanism only, so this bisects over Opacus's own accountant on the full history.
+    """
     check_accountant(accountant)
     if not (math.isfinite(target_epsilon) and target_epsilon > 0 and 0 < delta < 1):
         raise ConfigError(f"target-epsilon must be > 0 and delta in (0, 1), got {target_epsilon!r}, {delta!r}")
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps_per_round * horizon_rounds,
-                accountant=accountant,
-                epsilon_tolerance=0.005 * target_epsilon,
+    steps = steps_per_round * horizon_rounds
+    return _bisect_sigma(target_epsilon, delta, sample_rate, steps, accountant, tuple(sorted(releases)))
+
+
+@lru_cache(maxsize=256)
+def _bisect_sigma(
+    target: float, delta: float, sample_rate: float, steps: int, accountant: str, releases: tuple[float, ...]
+) -> float:
+    """Smallest noise (within 0.5% of the target epsilon, from below, as Opacus's own
+    calibration) whose spend is at most ``target``. Each step asks the accountant (~0.1 s),
+    and every site asks every round, so results are cached per process."""
+
+    def spent(sigma: float) -> float:
+        return _epsilon(accountant, ((sigma, sample_rate, steps),), delta, releases)
+
+    low, high = 0.01, 10.0
+    while spent(high) > target:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ConfigError(
+                f"cannot reach epsilon {target} at delta {delta} over {steps} steps"
+                + (f" with {len(releases)} statistics releases already charged" if releases else "")
             )
-        )
-    except ValueError as exc:
-        raise ConfigError(
-            f"cannot reach epsilon {target_epsilon} at delta {delta} over {horizon_rounds} rounds: {exc}"
-        ) from exc
+    while high - low > 1e-4 * high:
+        mid = (low + high) / 2
+        eps = spent(mid)
+        if eps > target:
+            low = mid
+            continue
+        high = mid
+        if eps >= target * 0.995:
+            break
+    return high

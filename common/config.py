@@ -116,7 +116,7 @@ KEYS: tuple[Key, ...] = (
     Key("input-shape", str, "", "model input shape, e.g. '1,28,28' ('' = from the server's dataset)"),
     Key("num-classes", int, 0, "model output classes (0 = from the server's dataset)", lambda v: v >= 0, ">= 0"),
     # --- model --------------------------------------------------------------------
-    Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn8 | package.module:Class"),
+    Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn28-tanh | cnn8 | package.module:Class"),
     # --- local training (client) ------------------------------------------------------
     Key("optimizer", str, "sgd", "local optimizer", *_choice("sgd", "adamw")),
     Key("lr", float, 0.05, "peak local learning rate", _pos, "> 0"),
@@ -172,6 +172,43 @@ KEYS: tuple[Key, ...] = (
         "refuse",
         "refuse = one ledger per site, refuse once spent; per-shard = one ledger per data shard",
         *_choice("refuse", "per-shard"),
+    ),
+    Key(
+        "dp-fix-model",
+        bool,
+        False,
+        "with dp: let Opacus fix a model it cannot train (e.g. BatchNorm -> GroupNorm) on server and sites alike",
+    ),
+    Key(
+        "dp-stats-noise",
+        float,
+        10.0,
+        "noise multiplier of a DP site's charged releases of statistics (its example count)",
+        _pos,
+        "> 0",
+    ),
+    Key(
+        "dp-public-stats",
+        bool,
+        False,
+        "declare a DP site's raw-record statistics public: send train loss and take part in federated evaluation",
+    ),
+    # --- client-level DP on the server (DP-FedAvg) ---------------------------------------
+    Key(
+        "server-dp-clip",
+        float,
+        0.0,
+        "clip each site's update to this L2 norm and add Gaussian noise to the sum (0 = off)",
+        _nonneg,
+        ">= 0",
+    ),
+    Key("server-dp-noise", float, 1.0, "server noise std / server-dp-clip", _pos, "> 0"),
+    Key(
+        "site-sampling",
+        str,
+        "fixed",
+        "fixed: a fixed number of sites per round; poisson: each site independently (amplifies server DP)",
+        *_choice("fixed", "poisson"),
     ),
     # --- server optimizer ---------------------------------------------------------------
     Key("strategy", str, "fedavgm", "server optimizer", *_choice("fedavg", "fedavgm", "fedadam", "fedyogi")),

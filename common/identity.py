@@ -57,6 +57,15 @@ class SiteSampler:
         chosen = self._rng.choice(len(pool), size=count, replace=False)
         return sorted(pool[i] for i in chosen)
 
+    def sample_poisson(self, site_ids: Iterable[str], rate: float) -> list[str]:
+        """Each site independently with probability ``rate`` (may be empty), sorted.
+
+        This is the sampling that amplifies the server's client-level DP (server/dp_fedavg.py).
+        """
+        pool = sorted(set(site_ids))
+        keep = self._rng.random(len(pool)) < rate
+        return [s for s, k in zip(pool, keep, strict=True) if k]
+
     def state_dict(self) -> dict[str, Any]:
         """The generator's full state (JSON-serialisable)."""
         return self._rng.bit_generator.state

@@ -6,8 +6,9 @@ A reply's ``RecordDict`` holds three records:
   :class:`Status`), ``site-id`` and, for refusals, idle sites and errors, a ``reason``;
 - ``arrays`` (ArrayRecord, train replies with status ``ok`` only): the model, keyed by
   canonical parameter names (never Opacus's ``_module.`` prefix);
-- ``metrics`` (MetricRecord): exactly the keys listed below for the message kind (a DP
-  site's train reply also carries :data:`PRIVACY_METRICS`).
+- ``metrics`` (MetricRecord): the required keys of the message kind, and optional keys;
+  every key is a field of the privacy-boundary table (:mod:`common.boundary`), and a DP
+  site's train reply carries all of :data:`PRIVACY_METRICS` or none.
 
 The server screens every reply with :func:`screen_reply` before any Flower aggregation
 code sees it, because Flower's ``FedAvg`` rejects a whole round when one reply's keys
@@ -25,6 +26,8 @@ from enum import StrEnum
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from common.boundary import metric_keys
+
 REPLY_SCHEMA_VERSION = 1
 
 
@@ -39,12 +42,16 @@ class Status(StrEnum):
     ERROR = "error"
 
 
-TRAIN_METRICS = frozenset({"num-examples", "train-loss", "grad-norm", "lr", "steps"})
+# Every metric key a reply may carry is a field of the privacy-boundary table.
+TRAIN_METRICS = metric_keys("train", required=True)
+TRAIN_OPTIONAL = metric_keys("train", required=False)
 # Sent in addition by a DP site: its cumulative epsilon and every input an auditor needs to
 # recompute it (the ledger's totals and this round's noise and sample rate).
-PRIVACY_METRICS = frozenset({"epsilon", "noise-multiplier", "sample-rate", "ledger-steps", "ledger-rounds"})
-EVAL_METRICS = frozenset({"num-examples", "eval-loss", "eval-accuracy"})
-QUERY_METRICS = frozenset({"num-examples"})
+PRIVACY_METRICS = frozenset(
+    {"epsilon", "noise-multiplier", "sample-rate", "ledger-steps", "ledger-rounds", "ledger-releases"}
+)
+EVAL_METRICS = metric_keys("evaluate", required=True)
+QUERY_METRICS = metric_keys("query", required=True)
 METRICS_BY_KIND = {"train": TRAIN_METRICS, "evaluate": EVAL_METRICS, "query": QUERY_METRICS}
 
 REJECT_REASONS = (
@@ -127,13 +134,17 @@ def _metrics(msg: Message, kind: str, site_id: str) -> dict[str, float]:
     record = msg.content.metric_records.get("metrics")
     if record is None:
         raise RejectedReply("bad_metrics", "no 'metrics' record", site_id)
-    expected = METRICS_BY_KIND[kind]
-    if kind == "train" and set(record.keys()) >= PRIVACY_METRICS:
-        expected = expected | PRIVACY_METRICS
-    if set(record.keys()) != expected:
+    keys = set(record.keys())
+    required, allowed = metric_keys(kind, required=True), metric_keys(kind)
+    if not required <= keys <= allowed:
         raise RejectedReply(
-            "bad_metrics", f"metric keys {sorted(record.keys())} != expected {sorted(expected)}", site_id
+            "bad_metrics",
+            f"metric keys: missing {sorted(required - keys)}, "
+            f"not in the privacy-boundary table {sorted(keys - allowed)}",
+            site_id,
         )
+    if kind == "train" and keys & PRIVACY_METRICS and not keys >= PRIVACY_METRICS:
+        raise RejectedReply("bad_metrics", f"partial privacy report: missing {sorted(PRIVACY_METRICS - keys)}", site_id)
     values: dict[str, float] = {}
     for key, value in record.items():
         if not isinstance(value, (int, float)):
@@ -141,7 +152,7 @@ def _metrics(msg: Message, kind: str, site_id: str) -> dict[str, float]:
         if not math.isfinite(value):
             raise RejectedReply("non_finite", f"metric {key!r} is {value}", site_id)
         values[key] = float(value)
-    if values["num-examples"] <= 0 or not float(values["num-examples"]).is_integer():
+    if "num-examples" in values and (values["num-examples"] <= 0 or not values["num-examples"].is_integer()):
         raise RejectedReply("bad_metrics", f"num-examples {values['num-examples']} is not a positive integer", site_id)
     return values
 

@@ -34,6 +34,7 @@ def derive_seeds(seed: int) -> dict[str, int]:
         "sampling": seed + 1,
         "partition": seed + 2,
         "client": seed + 3,
+        "server_noise": seed + 4,
     }
 
 

@@ -33,9 +33,11 @@ from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, scree
 from common.runrecord import build_run_record, derive_seeds, write_run_record
 from common.scenario import scenario_of
 from server.continual import TaskTracker
+from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
+from server.strategy.base import ServerOptimizer
 from server.strategy.factory import make_server_optimizer
 
 log = logging.getLogger("stamen.server")
@@ -106,9 +108,29 @@ def weighted_mean(replies: list[SiteReply]) -> dict[str, np.ndarray]:
     return record_to_arrays(record)
 
 
+def server_update(
+    optimizer: ServerOptimizer,
+    current: dict[str, np.ndarray],
+    replies: list[SiteReply],
+    server_round: int,
+    dp: DPFedAvg | None = None,
+    expected_sites: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """The next global model: the round's aggregate (with client-level DP: clipped, summed and
+    noised first), then the server optimizer's step — noise before momentum."""
+    if dp is None:
+        aggregate = weighted_mean(replies)
+    else:
+        models = [record_to_arrays(r.content["arrays"]) for r in replies if r.content is not None]
+        aggregate = dp.aggregate(current, models, expected_sites, server_round)
+    return optimizer.step(current, aggregate, server_round)
+
+
 def _weighted(replies: list[SiteReply], key: str) -> float:
-    total = sum(r.metrics["num-examples"] for r in replies)
-    return sum(r.metrics[key] * r.metrics["num-examples"] for r in replies) / total if total else math.nan
+    """Example-weighted mean of an optional metric over the replies that sent it (NaN if none did)."""
+    sent = [r for r in replies if key in r.metrics]
+    total = sum(r.metrics["num-examples"] for r in sent)
+    return sum(r.metrics[key] * r.metrics["num-examples"] for r in sent) / total if total else math.nan
 
 
 class Federation:
@@ -125,7 +147,12 @@ class Federation:
         self.data = load_server_data(cfg)
         self.model_name = resolve_model_name(str(cfg["model"]), self.data.input_shape)
         self.model = build_model(
-            self.model_name, self.data.input_shape, self.data.num_classes, seed=self.seeds["model_init"]
+            self.model_name,
+            self.data.input_shape,
+            self.data.num_classes,
+            seed=self.seeds["model_init"],
+            dp=bool(cfg["dp"]),
+            fix=bool(cfg["dp-fix-model"]),
         )
         self.arrays = model_to_arrays(self.model)
         self.optimizer = make_server_optimizer(
@@ -138,6 +165,18 @@ class Federation:
             tau=float(cfg["tau"]),
         )
         self.sampler = SiteSampler(self.seeds["sampling"])
+        self.poisson = cfg["site-sampling"] == "poisson"
+        self.server_dp = (
+            DPFedAvg(
+                float(cfg["server-dp-clip"]),
+                float(cfg["server-dp-noise"]),
+                float(cfg["fraction-train"]) if self.poisson else 1.0,
+                self.seeds["server_noise"],
+                str(cfg["accountant"]),
+            )
+            if float(cfg["server-dp-clip"]) > 0
+            else None
+        )
         self.state_dir = str(Path(cfg["state-dir"] or Path(out_dir) / "sites").resolve())
         self.directory = SiteDirectory(
             grid, lambda: self._content(0, with_model=False), timeout=float(cfg["round-timeout"])
@@ -179,6 +218,8 @@ class Federation:
         last = server_round == int(self.cfg["num-server-rounds"])
         if float(self.cfg["holdout-fraction"]) == 0 or not (last or (every and server_round % every == 0)):
             return {}
+        if self.cfg["dp"] and not self.cfg["dp-public-stats"]:
+            return {}  # a DP site's evaluation statistics are not noised (common/boundary.py)
         sites = self.sampler.sample(nodes, float(self.cfg["fraction-evaluate"]))
         screened = screen_round(
             self._send(sites, nodes, "evaluate", server_round), {nodes[s]: s for s in sites}, "evaluate", None
@@ -192,7 +233,11 @@ class Federation:
         }
 
     def _train_round(self, server_round: int, nodes: dict[str, int]) -> dict[str, Any]:
-        sites = self.sampler.sample(nodes, float(self.cfg["fraction-train"]), int(self.cfg["min-train-sites"]))
+        fraction = float(self.cfg["fraction-train"])
+        if self.poisson:
+            sites = self.sampler.sample_poisson(nodes, fraction)
+        else:
+            sites = self.sampler.sample(nodes, fraction, int(self.cfg["min-train-sites"]))
         screened = screen_round(
             self._send(sites, nodes, "train", server_round), {nodes[s]: s for s in sites}, "train", self.arrays
         )
@@ -210,27 +255,39 @@ class Federation:
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
+                seen = self.privacy.get(reply.site_id, {}).get("history", [])
                 self.privacy[reply.site_id] = {
                     "epsilon": m["epsilon"],
                     "noise_multiplier": m["noise-multiplier"],
                     "sample_rate": m["sample-rate"],
                     "steps": int(m["ledger-steps"]),
                     "rounds": int(m["ledger-rounds"]),
+                    "releases": int(m["ledger-releases"]),
+                    "release_noise_multiplier": float(self.cfg["dp-stats-noise"]),
+                    # [noise multiplier, sample rate, steps] of every round this run saw the site train
+                    "history": [*seen, [m["noise-multiplier"], m["sample-rate"], int(m["steps"])]],
                 }
         if self.cfg["dp"]:
             row["epsilon_max"] = max((p["epsilon"] for p in self.privacy.values()), default=0.0)
-        if len(screened.good) < int(self.cfg["min-train-sites"]):
+        if self.server_dp is None and len(screened.good) < int(self.cfg["min-train-sites"]):
             row["updated"] = False
             return row
-        aggregate = weighted_mean(screened.good)
-        self.arrays = self.optimizer.step(self.arrays, aggregate, server_round)
-        row.update(
-            updated=True,
-            train_loss=_weighted(screened.good, "train-loss"),
-            grad_norm=_weighted(screened.good, "grad-norm"),
-            lr=max(r.metrics["lr"] for r in screened.good),
-            server_buffer_norm=self.optimizer.buffer_norm(),
+        # With client-level DP every round releases a noisy model, however many sites replied:
+        # skipping on a count would make the release depend on who took part.
+        expected = fraction * len(nodes) if self.poisson else len(sites)
+        self.arrays = server_update(
+            self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12)
         )
+        if self.server_dp is not None:
+            row["server_epsilon"] = self.server_dp.epsilon(float(self.cfg["delta"]))
+        row["updated"] = True
+        if screened.good:
+            row["lr"] = max(r.metrics["lr"] for r in screened.good)
+        for column, key in (("train_loss", "train-loss"), ("grad_norm", "grad-norm")):
+            value = _weighted(screened.good, key)
+            if not math.isnan(value):
+                row[column] = value
+        row["server_buffer_norm"] = self.optimizer.buffer_norm()
         return row
 
     def run(self) -> dict[str, Any]:
@@ -246,7 +303,7 @@ class Federation:
             if not nodes:
                 raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
             row = {"round": server_round, **self._train_round(server_round, nodes)}
-            if row["updated"]:
+            if row["replied"] >= int(self.cfg["min-train-sites"]):
                 empty = 0
             elif row["rejected"] + row["failed"] > 0:
                 empty += 1
@@ -313,8 +370,21 @@ class Federation:
                 "epsilon_max": max(eps, default=0.0),
                 "epsilon_mean": sum(eps) / len(eps) if eps else 0.0,
                 "accountant": str(self.cfg["accountant"]),
+                "budget": self.cfg.epsilon_budget,
                 "refused": self.totals["refused"],
                 "per_client": dict(sorted(self.privacy.items())),
+            }
+        if self.server_dp is not None:
+            summary["server_privacy"] = {
+                "level": "client",
+                "delta": float(self.cfg["delta"]),
+                "epsilon": self.server_dp.epsilon(float(self.cfg["delta"])),
+                "accountant": str(self.cfg["accountant"]),
+                "clip": self.server_dp.clip,
+                "noise_multiplier": self.server_dp.noise_multiplier,
+                "site_sampling": str(self.cfg["site-sampling"]),
+                "sample_rate": self.server_dp.sample_rate,
+                "rounds": self.server_dp.rounds,
             }
         self.outputs.write_summary(summary)
         return summary

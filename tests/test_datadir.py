@@ -123,15 +123,18 @@ def test_under_dp_the_ledger_sample_rate_follows_the_data_size(tmp_path: Path, d
     _drop_bad_shards(inbox, shard_a)
     second = [site.train(r) for r in (3, 4)]
 
-    n_a = int(first[0]["num-examples"])
-    n_ab = int(second[0]["num-examples"])
-    assert n_ab > n_a
-    rate_a, rate_ab = dp_schedule(n_a, site.cfg)[0], dp_schedule(n_ab, site.cfg)[0]
+    # a DP site's size is a Gaussian release (std dp-stats-noise = 10), made once per data version
+    n_a = len(shard_a["y"]) - round(0.05 * len(shard_a["y"]))
+    n_ab = n_a + len(shard_b["y"]) - round(0.05 * len(shard_b["y"]))
+    counts = [int(r["num-examples"]) for r in first + second]
+    assert counts[0] == counts[1] and counts[2] == counts[3]
+    assert abs(counts[0] - n_a) < 50 and abs(counts[2] - n_ab) < 50
+    rate_a, rate_ab = dp_schedule(counts[0], site.cfg)[0], dp_schedule(counts[2], site.cfg)[0]
     assert rate_ab < rate_a
     assert [r["sample-rate"] for r in first + second] == [rate_a, rate_a, rate_ab, rate_ab]
     ledger = json.loads((tmp_path / "state" / "node-a" / "privacy_ledger.json").read_text())["data"]
     assert [(sigma, rate) for sigma, rate, _ in ledger["history"]] == [(1.0, rate_a), (1.0, rate_ab)]
-    assert ledger["rounds"] == 4
+    assert ledger["rounds"] == 4 and len(ledger["releases"]) == 2
     assert second[-1]["epsilon"] > first[-1]["epsilon"] > 0
 
 

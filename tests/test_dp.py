@@ -19,12 +19,12 @@ from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from client.dp import DPTrainResult, check_private_model, dp_schedule, train_private
+from client.dp import DPTrainResult, dp_schedule, train_private
 from client.ledger import PrivacyLedger, calibrate_noise
 from common.config import StamenConfig
 from common.convert import model_to_arrays
 from common.errors import ConfigError, StateError
-from common.models import build_model
+from common.models import build_model, check_private_model
 from common.state import SiteStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,16 @@ def _cfg(**changes: object) -> StamenConfig:
 def _train(model: nn.Module, cfg: StamenConfig, server_round: int = 1, seed: int = 7) -> DPTrainResult:
     x, y = _data()
     return train_private(
-        model, x, y, cfg, server_round=server_round, seed=seed, device=CPU, noise_multiplier=SIGMA, max_grad_norm=1.0
+        model,
+        x,
+        y,
+        cfg,
+        server_round=server_round,
+        seed=seed,
+        device=CPU,
+        noise_multiplier=SIGMA,
+        max_grad_norm=1.0,
+        planned_examples=len(y),
     )
 
 
@@ -219,3 +228,19 @@ def test_fp16_is_refused_bf16_trains() -> None:
     result = _train(model, _cfg(precision="bf16"))
     assert result.steps_executed == dp_schedule(64, _cfg())[1]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_server_and_sites_build_the_same_fixed_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.models as models
+
+    def bn_net(shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, num_classes))
+
+    monkeypatch.setitem(models.REGISTRY, "bnnet", bn_net)
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        build_model("bnnet", (1, 8, 8), 4, seed=0, dp=True)
+    server = build_model("bnnet", (1, 8, 8), 4, seed=0, dp=True, fix=True)
+    site = build_model("bnnet", (1, 8, 8), 4, dp=True, fix=True)
+    assert list(model_to_arrays(server)) == list(model_to_arrays(site))
+    assert any(isinstance(m, nn.GroupNorm) for m in site.modules())
+    assert build_model("bnnet", (1, 8, 8), 4).state_dict().keys() != server.state_dict().keys()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opacus.accountants import RDPAccountant
 
 
 @pytest.mark.slow
@@ -48,3 +49,38 @@ def test_sites_refuse_past_their_budget_and_the_run_completes(
         assert sum(step for *_, step in ledger["history"]) == entry["steps"]
     assert privacy["epsilon_max"] <= budget
     assert summary["history"][-1]["epsilon_max"] == privacy["epsilon_max"]
+
+
+@pytest.mark.slow
+def test_client_level_dp_on_the_server_with_poisson_site_sampling(
+    tmp_path: Path, stamen_simulate: Callable[..., Any]
+) -> None:
+    out = tmp_path / "run"
+    rounds, rate = 3, 0.5
+    stamen_simulate(
+        out,
+        "--clients",
+        "4",
+        "--rounds",
+        str(rounds),
+        "--dataset",
+        "digits",
+        "--set",
+        "server-dp-clip=0.5",
+        "--set",
+        "server-dp-noise=1.5",
+        "--set",
+        "site-sampling=poisson",
+        "--set",
+        f"fraction-train={rate}",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    server = summary["server_privacy"]
+    assert (server["rounds"], server["sample_rate"], server["site_sampling"]) == (rounds, rate, "poisson")
+    reference = RDPAccountant()
+    reference.history = [(1.5, rate, rounds)]
+    assert server["epsilon"] == pytest.approx(reference.get_epsilon(server["delta"]))
+    history = summary["history"]
+    assert [row["server_epsilon"] for row in history] == sorted(row["server_epsilon"] for row in history)
+    assert all(row["updated"] for row in history), "every round releases a noisy model, however many sites replied"

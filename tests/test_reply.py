@@ -219,7 +219,26 @@ def test_bad_metrics_are_rejected(instruction: MakeInstruction, metrics: dict[st
 
 
 def test_train_metric_keys_are_the_documented_ones() -> None:
-    assert set(train_metrics()) == TRAIN_METRICS
+    assert {"num-examples", "lr", "steps"} == TRAIN_METRICS
+    assert set(train_metrics()) == TRAIN_METRICS | {"train-loss", "grad-norm"}
+
+
+def test_optional_metrics_may_be_left_out(instruction: MakeInstruction) -> None:
+    metrics = {k: v for k, v in train_metrics().items() if k in TRAIN_METRICS}
+    msg = make_reply(instruction(), "site-a", Status.OK, arrays=arrays_to_record(update(0)), metrics=metrics)
+    assert screen_reply(msg, "train", expected_site="site-a", reference=REFERENCE).metrics == metrics
+
+
+def test_privacy_report_is_all_or_nothing(instruction: MakeInstruction) -> None:
+    full = {"epsilon": 1.0, "noise-multiplier": 1.1, "sample-rate": 0.1, "ledger-steps": 10, "ledger-rounds": 1}
+    full["ledger-releases"] = 1
+    good = make_reply(
+        instruction(), "site-a", Status.OK, arrays=arrays_to_record(update(0)), metrics={**train_metrics(), **full}
+    )
+    assert screen_reply(good, "train", expected_site="site-a", reference=REFERENCE).metrics["epsilon"] == 1.0
+    partial = {**train_metrics(), "epsilon": 1.0}
+    msg = make_reply(instruction(), "site-a", Status.OK, arrays=arrays_to_record(update(0)), metrics=partial)
+    assert reject_reason(msg) == "bad_metrics"
 
 
 def test_missing_metrics_record_is_rejected(instruction: MakeInstruction) -> None:
