@@ -18,9 +18,13 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.dp import train_private
+from client.drift import site_drift
+from client.label_shift import apply_label_shift
+from client.ledger import OverBudget, PrivacyLedger
 from client.pool import TrainingPool
 from client.replay import ReplayBuffer
-from client.shard_privacy import plan_private_round, spent
+from client.resend import SentUpdates, update_digest
+from client.shard_privacy import ShardLedgers, plan_private_round, spent
 from client.sources import site_view
 from client.train import pick_device, round_seed, train_local
 from client.view import SiteView
@@ -28,6 +32,7 @@ from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from common.errors import ConfigError, StamenError
 from common.identity import site_id_from_node_config
+from common.instruction import check_schema_header
 from common.models import build_model, evaluate_model
 from common.reply import Status, make_reply
 from common.runrecord import derive_seeds
@@ -51,6 +56,7 @@ class Instruction:
         if record is None:
             raise ConfigError("instruction has no 'config' record")
         raw: dict[str, Any] = dict(record)
+        check_schema_header(raw)
         self.server_round = int(raw.pop("server-round", 0))
         self.model_name = str(raw.pop("model-name", "auto"))
         self.input_shape = tuple(int(v) for v in raw.pop("model-input-shape", []))
@@ -70,9 +76,10 @@ class Instruction:
             return value.strip().lower() in ("1", "true", "yes")
         return bool(value)
 
-    def view(self, store: SiteStore, *, ingest: bool = False) -> SiteView:
+    def view(self, *, ingest: bool = False) -> SiteView:
         """This site's data in this round (:mod:`client.sources`); ``ingest`` takes in new shards."""
         server_round = max(self.server_round, 1)  # the handshake (round 0) sees the first round's data
+        store = self.store() if "data-dir" in self.node_config else None  # the manifest lives there
         return site_view(
             self.node_config, self.cfg, server_round, store, self.input_shape, self.num_classes, ingest=ingest
         )
@@ -117,7 +124,7 @@ def query(msg: Message, context: Context) -> Message:
     try:
         site_id = site_id_from_node_config(context.node_config)
         ins = Instruction(msg, context)
-        num_train = ins.view(ins.store()).num_train
+        num_train = ins.view().num_train
         if num_train == 0:
             return make_reply(msg, site_id, Status.NO_DATA, reason="no training data yet")
         metrics = {"num-examples": num_train} if not ins.cfg["dp"] or ins.public_stats else {}
@@ -132,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         ins = Instruction(msg, context)
         store = ins.store()
-        view = ins.view(store, ingest=True)
+        view = apply_label_shift(ins.view(ingest=True), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
         replay = ins.replay(store)
         pool = TrainingPool.build(view, replay.replay(view) if replay else None)
         if len(pool) == 0:
@@ -141,14 +148,15 @@ def train(msg: Message, context: Context) -> Message:
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
         if ins.cfg["dp"]:
-            reply = _train_private(msg, ins, pool, model, store, seed, device)
+            reply = _train_private(msg, ins, view, pool, model, store, seed, device)
         else:
             result = train_local(
                 model, pool.x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device
             )
             _record_participation(store, ins, result.num_examples)
+            metrics = {**result.metrics(), **_drift(ins, view, store, seed, None)}
             reply = make_reply(
-                msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=result.metrics()
+                msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics
             )
         if replay is not None and _trained(reply):
             replay.offer(view)
@@ -161,6 +169,29 @@ def train(msg: Message, context: Context) -> Message:
 def _trained(reply: Message) -> bool:
     """Whether a train reply carries an update (the site trained this round)."""
     return "arrays" in reply.content.array_records
+
+
+def _drift(
+    ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger: PrivacyLedger | ShardLedgers | None
+) -> dict[str, float]:
+    """This round's data-drift scores of the site's current data (a DP site's histograms are
+    charged releases); none when the site has no current data (it trains on replayed records only)."""
+    if data.num_train == 0:
+        return {}
+    cfg = ins.cfg
+    return site_drift(
+        store,
+        data.x_train,
+        data.y_train,
+        num_classes=ins.num_classes,
+        reference_rounds=int(cfg["drift-reference-rounds"]),
+        projection_seed=derive_seeds(int(cfg["seed"]))["drift"],
+        ledger=ledger,
+        noise_multiplier=float(cfg["dp-stats-noise"]),
+        seed=seed,
+        budget=float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget)),
+        delta=float(cfg["delta"]),
+    )
 
 
 def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
@@ -176,6 +207,7 @@ def _record_participation(store: SiteStore, ins: Instruction, num_examples: int)
 def _train_private(
     msg: Message,
     ins: Instruction,
+    view: SiteView,
     pool: TrainingPool,
     model: torch.nn.Module,
     store: SiteStore,
@@ -185,12 +217,20 @@ def _train_private(
     """A DP-SGD round: refuse if it would overspend, else train and charge the ledger(s) first.
 
     Which ledgers a round charges, and which data it may use, is the privacy policy's
-    (:mod:`client.shard_privacy`). Ledger entries are written (atomically) before the
-    reply is built, so a crash can never under-count what was spent. A node's own
-    ``epsilon-budget`` overrides the run's.
+    (:mod:`client.shard_privacy`). Statistics are released (and charged) before the round
+    is planned, so the plan sees everything already spent. Ledger entries are written
+    (atomically) before the reply is built, so a crash can never under-count what was
+    spent. A node's own ``epsilon-budget`` overrides the run's.
     """
     cfg = ins.cfg
     budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
+    try:
+        drift = _drift(ins, view, store, seed, _statistics_ledger(store, cfg, view))
+    except OverBudget as exc:
+        if cfg["privacy-policy"] == "refuse":
+            return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
+        log.info("site %s: no drift scores this round (a shard cannot pay for them): %s", ins.site_id, exc)
+        drift = {}
     plan = plan_private_round(pool, store, cfg, budget, seed)
     if isinstance(plan, str):
         return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=plan)
@@ -209,11 +249,20 @@ def _train_private(
         planned_examples=plan.count,
         accountant_name=str(cfg["accountant"]),
     )
-    plan.commit(result)
+    # A redone round (the server resumed from an older checkpoint) re-sends the identical
+    # update: already charged, so not charged again (client/resend.py). Charge, then record.
+    sent = SentUpdates(store)
+    digest = update_digest(model_to_arrays(model), result.metrics())
+    if digest in sent:
+        log.info("site %s round %d: identical update already sent and charged", ins.site_id, ins.server_round)
+    else:
+        plan.commit(result)
+        sent.add(digest)
     _record_participation(store, ins, result.num_examples)
     epsilon, ledger = spent(store, cfg)
     metrics = {
         **result.metrics(),
+        **drift,
         "num-examples": plan.count,
         "epsilon": epsilon,
         "noise-multiplier": plan.noise_multiplier,
@@ -225,6 +274,14 @@ def _train_private(
     if not ins.public_stats:
         del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
+
+
+def _statistics_ledger(store: SiteStore, cfg: StamenConfig, view: SiteView) -> PrivacyLedger | ShardLedgers:
+    """Who pays for releasing statistics of the current data: the site's ledger, or every shard in it."""
+    accountant = str(cfg["accountant"])
+    if cfg["privacy-policy"] == "refuse":
+        return PrivacyLedger.load(store, accountant)
+    return ShardLedgers.load(store, accountant, view.shard_names)
 
 
 @app.evaluate()
@@ -239,7 +296,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             )
         if float(ins.cfg["holdout-fraction"]) == 0:
             raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")
-        data = ins.view(ins.store())
+        data = ins.view()
         if data.num_holdout == 0:
             return make_reply(msg, ins.site_id, Status.NO_DATA, reason="no held-out data this round")
         loss, acc = evaluate_model(ins.model(), data.x_holdout, data.y_holdout, pick_device(str(ins.cfg["device"])))

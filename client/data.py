@@ -10,7 +10,7 @@ round and must not reload or re-partition each time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -40,6 +40,10 @@ class SiteData:
     @property
     def num_holdout(self) -> int:
         return int(self.y_holdout.shape[0])
+
+    def select_train(self, keep: torch.Tensor) -> SiteData:
+        """This data with only the training rows where ``keep`` (a boolean mask) is true."""
+        return replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep])
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

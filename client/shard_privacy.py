@@ -21,6 +21,7 @@ the round charges.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from client.dp import DPTrainResult, dp_schedule
@@ -54,16 +55,21 @@ class PrivatePlan:
             result.commit(ledger)
 
 
-class _Shards:
-    """Several shard ledgers charged together for one release of the pool's size.
+class ShardLedgers:
+    """Several shard ledgers charged together for one release of statistics of their records.
 
-    The pool's size is one count over records of every shard in it, so one release
-    costs each of those shards one Gaussian mechanism (parallel composition again).
-    Quacks like the one ledger :func:`client.release.released` expects.
+    A statistic over records of several shards (the pool's size, a label histogram) is one
+    release that costs each of those shards one Gaussian mechanism (parallel composition
+    again). Quacks like the one ledger :func:`client.release.released` expects.
     """
 
     def __init__(self, ledgers: dict[str, PrivacyLedger]) -> None:
         self.ledgers = ledgers
+
+    @classmethod
+    def load(cls, store: SiteStore, accountant: str, shards: Iterable[str]) -> ShardLedgers:
+        """The ledgers of ``shards``, from the site's store."""
+        return cls({s: PrivacyLedger.load(store, accountant, shard_ledger_name(s)) for s in sorted(set(shards))})
 
     def broke(self, noise_multiplier: float, delta: float, budget: float) -> dict[str, str]:
         """The shards that cannot pay for one more release, with why."""
@@ -123,9 +129,7 @@ def plan_private_round(
     # Leaving shards out changes the pool: its size is released again and the rate rises, so
     # the cost for the rest grows. Repeat until stable (at most once per shard: the pool only shrinks).
     while len(pool):
-        shards = _Shards(
-            {s: PrivacyLedger.load(store, accountant, shard_ledger_name(s)) for s in sorted(pool.shards())}
-        )
+        shards = ShardLedgers.load(store, accountant, pool.shards())
         # One cache entry per set of shards: a pool that alternates between sets (a spent shard
         # left out) re-sends each set's released size instead of paying for it again.
         key = "num-examples:" + "+".join(sorted(shards.ledgers))

@@ -29,7 +29,7 @@ def site_view(
     node_config: Mapping[str, Any],
     cfg: StamenConfig,
     server_round: int,
-    store: SiteStore,
+    store: SiteStore | None,
     input_shape: tuple[int, ...],
     num_classes: int,
     *,
@@ -39,6 +39,8 @@ def site_view(
     if "data-dir" in node_config:
         if "data" in node_config:
             raise ConfigError("node config sets both 'data' and 'data-dir': put the data file into the directory")
+        if store is None:
+            raise ConfigError("a data-dir needs the site's state store (its manifest lives there)")
         directory = DataDir(str(node_config["data-dir"]), store, input_shape, num_classes)
         return directory.view(server_round, float(cfg["holdout-fraction"]), ingest=ingest)
     scenario = scenario_of(cfg)

@@ -7,9 +7,10 @@ per-shard privacy ledgers (:mod:`client.shard_privacy`) whom a round charges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from client.data import SiteData
 
@@ -40,4 +41,15 @@ class SiteView(SiteData):
             np.asarray(record_ids, dtype=np.int64),
             np.zeros(data.num_train, dtype=np.int32),
             (shard,),
+        )
+
+    def select_train(self, keep: torch.Tensor) -> SiteView:
+        """This view with only the training rows where ``keep`` is true (ids and shards too)."""
+        mask = keep.numpy()
+        return replace(
+            self,
+            x_train=self.x_train[keep],
+            y_train=self.y_train[keep],
+            record_ids=self.record_ids[mask],
+            shard_of=self.shard_of[mask],
         )

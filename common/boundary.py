@@ -98,6 +98,27 @@ FIELDS: tuple[Field, ...] = (
         "charged releases of statistics in the site's whole ledger (each at dp-stats-noise)",
     ),
     Field(
+        "drift-label-psi",
+        ("train",),
+        False,
+        Treatment.RELEASE,
+        "label PSI against the site's reference window, computed from charged label-histogram releases",
+    ),
+    Field(
+        "drift-label-js",
+        ("train",),
+        False,
+        Treatment.RELEASE,
+        "label Jensen-Shannon divergence against the reference, from the same releases",
+    ),
+    Field(
+        "drift-feature-psi",
+        ("train",),
+        False,
+        Treatment.RELEASE,
+        "feature-sketch PSI against the reference, computed from charged feature-sketch releases",
+    ),
+    Field(
         "num-examples",
         ("evaluate",),
         True,

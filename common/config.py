@@ -51,9 +51,13 @@ def _unit_open(v: float) -> bool:
     return 0 <= v < 1
 
 
+def _port(v: int) -> bool:
+    return 0 <= v <= 65535
+
+
 KEYS: tuple[Key, ...] = (
     # --- the federation ------------------------------------------------------------
-    Key("num-server-rounds", int, 20, "rounds to run", lambda v: v >= 1, ">= 1"),
+    Key("num-server-rounds", int, 20, "rounds to run (0 = until stopped)", lambda v: v >= 0, ">= 0"),
     Key("fraction-train", float, 1.0, "fraction of sites sampled for training each round", _unit, "in (0, 1]"),
     Key("min-train-sites", int, 1, "fewest usable replies a round needs to update the model", lambda v: v >= 1, ">= 1"),
     Key("fraction-evaluate", float, 1.0, "fraction of sites asked for federated evaluation", _unit, "in (0, 1]"),
@@ -84,6 +88,42 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("out-dir", str, "", "run directory ('' = runs/<timestamp>)"),
     Key("state-dir", str, "", "per-site state root in simulation ('' = <out-dir>/sites); real nodes set their own"),
+    # --- continual runs: checkpoints, resume, rollback, versions -------------------------
+    Key(
+        "checkpoint-every", int, 1, "checkpoint every N rounds (and always at the last round)", lambda v: v >= 1, ">= 1"
+    ),
+    Key("checkpoint-keep", int, 3, "checkpoints kept (the newest K)", lambda v: v >= 1, ">= 1"),
+    Key("resume-from", str, "", "run directory to continue from its newest valid checkpoint ('' = fresh run)"),
+    Key(
+        "rollback-patience",
+        int,
+        3,
+        "evaluated rounds in a row with loss worse than the best by rollback-tolerance before a rollback (0 = off)",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key(
+        "rollback-tolerance",
+        float,
+        0.5,
+        "relative eval-loss increase over the best version that counts as diverging",
+        _nonneg,
+        ">= 0",
+    ),
+    Key(
+        "versions-keep",
+        int,
+        20,
+        "model files kept for the newest N versions, besides the best and every released one (0 = all)",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key(
+        "server-lr-spike",
+        str,
+        "",
+        "rehearse a rollback: multiply the server step by F in rounds A..B, as 'A-B:F' ('' = off)",
+    ),
     # --- data ---------------------------------------------------------------------
     Key("dataset", str, "mnist5k", "digits | mnist5k | npz:PATH | csv:PATH | hf:NAME"),
     Key("partition", str, "dirichlet", "how simulation splits the data", *_choice("iid", "dirichlet", "shards")),
@@ -218,6 +258,32 @@ KEYS: tuple[Key, ...] = (
     Key("beta-1", float, 0.9, "fedadam/fedyogi first-moment decay", _unit_open, "in [0, 1)"),
     Key("beta-2", float, 0.99, "fedadam/fedyogi second-moment decay", _unit_open, "in [0, 1)"),
     Key("tau", float, 1e-3, "fedadam/fedyogi adaptivity floor", _pos, "> 0"),
+    # --- observability: the server's Prometheus endpoint and drift monitoring -------------
+    Key("metrics-port", int, 0, "port of the server's Prometheus endpoint (0 = off)", _port, "in [0, 65535]"),
+    Key("metrics-host", str, "127.0.0.1", "address the metrics endpoint binds to"),
+    Key("metrics-certfile", str, "", "TLS certificate (PEM) for the metrics endpoint ('' = plain HTTP)"),
+    Key("metrics-keyfile", str, "", "TLS private key (PEM) for the metrics endpoint"),
+    Key(
+        "metrics-max-sites",
+        int,
+        100,
+        "sites with their own metric series; later ones are folded into site='other'",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    Key("metrics-per-site", bool, True, "export per-site series (false = aggregates only)"),
+    Key(
+        "drift-reference-rounds",
+        int,
+        2,
+        "rounds a site trains before its drift reference is frozen",
+        lambda v: v >= 1,
+        ">= 1",
+    ),
+    Key("drift-ph-threshold", float, 0.5, "Page-Hinkley threshold on a loss, in nats", _pos, "> 0"),
+    Key("drift-ph-delta", float, 0.005, "Page-Hinkley tolerated rise per round, in nats", _nonneg, ">= 0"),
+    Key("label-shift-round", int, 0, "inject a label shift from this round (0 = off)", lambda v: v >= 0, ">= 0"),
+    Key("label-shift-sites", str, "", "comma-separated site-ids that get the label shift"),
 )
 
 KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
@@ -287,8 +353,12 @@ class StamenConfig:
                 "dp with target-epsilon needs privacy-horizon-rounds >= 1 (rounds each site is planned to "
                 "train), or set noise-multiplier explicitly"
             )
+        if bool(self["metrics-certfile"]) != bool(self["metrics-keyfile"]):
+            raise ConfigError("metrics-certfile and metrics-keyfile must be set together (TLS needs both)")
         if self["input-shape"]:
             self.input_shape  # noqa: B018 - parse now so a bad value fails at start
+        if self["server-lr-spike"]:
+            self.server_lr_spike  # noqa: B018 - parse now so a bad value fails at start
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -322,6 +392,22 @@ class StamenConfig:
         if not shape or min(shape) < 1:
             raise ConfigError(f"run config 'input-shape' must be positive integers, got {text!r}")
         return shape
+
+    @property
+    def server_lr_spike(self) -> tuple[int, int, float] | None:
+        """Parsed ``server-lr-spike`` as (first round, last round, factor), or None when off."""
+        text = str(self["server-lr-spike"]).strip()
+        if not text:
+            return None
+        try:
+            rounds, factor = text.split(":")
+            first, _, last = rounds.partition("-")
+            spike = (int(first), int(last or first), float(factor))
+        except ValueError:
+            raise ConfigError(f"run config 'server-lr-spike' must look like 'A-B:F', got {text!r}") from None
+        if not (1 <= spike[0] <= spike[1] and math.isfinite(spike[2]) and spike[2] > 0):
+            raise ConfigError(f"run config 'server-lr-spike' needs 1 <= A <= B and F > 0, got {text!r}")
+        return spike
 
     def as_dict(self) -> dict[str, Scalar]:
         """Plain dict, in table order, for ``config.json`` and messages."""

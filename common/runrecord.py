@@ -35,6 +35,7 @@ def derive_seeds(seed: int) -> dict[str, int]:
         "partition": seed + 2,
         "client": seed + 3,
         "server_noise": seed + 4,
+        "drift": seed + 5,
     }
 
 

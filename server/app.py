@@ -18,13 +18,27 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import KEY_BY_NAME, StamenConfig
+from common.errors import ConfigError
 from server.loop import Federation
+from server.outputs import run_lock
+from server.stop import install_stop_handlers
 
 log = logging.getLogger("stamen.server")
 
 
 def resolve_out_dir(cfg: StamenConfig, run_id: int | None = None) -> Path:
-    """``out-dir``, or a fresh ``runs/<UTC timestamp>[-<run id>]``."""
+    """``out-dir``, or the run being resumed (``resume-from``), or a fresh ``runs/<UTC timestamp>[-<run id>]``.
+
+    A resumed run continues in its own directory: its checkpoints, versions and (in
+    simulation) its sites' privacy ledgers are there.
+    """
+    if cfg["resume-from"]:
+        resume = Path(str(cfg["resume-from"])).expanduser().resolve()
+        if cfg["out-dir"] and Path(str(cfg["out-dir"])).expanduser().resolve() != resume:
+            raise ConfigError(
+                f"resume-from continues the run in its own directory ({resume}); leave out-dir empty or set it there"
+            )
+        return resume
     if cfg["out-dir"]:
         return Path(str(cfg["out-dir"])).expanduser().resolve()
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -54,7 +68,14 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         cfg = StamenConfig.from_mapping({**raw, **(overrides or {})})
         out_dir = resolve_out_dir(cfg, getattr(grid.run, "run_id", None))
         log.info("stamen run directory: %s", out_dir)
-        Federation(grid, cfg, out_dir).run()
+        # A deployed ServerApp runs here in its process's main thread; in simulation this is a
+        # no-op and the engine's main thread has the handlers (simulations/engine.py).
+        restore = install_stop_handlers()
+        try:
+            with run_lock(out_dir):
+                Federation(grid, cfg, out_dir).run()
+        finally:
+            restore()
 
     return app
 

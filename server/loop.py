@@ -6,6 +6,12 @@ the run config; replies are screened against the reply schema (:mod:`common.repl
 before Flower's weighted averaging sees them; the server optimizer turns the average into
 the next global model; then federated and centralized evaluation, the best model so far,
 and the run directory are updated.
+
+Continual runs: each aggregated model is a numbered version (:mod:`server.versions`); a
+diverging run rolls back to the best version (:mod:`server.rollback`); the whole server
+state is checkpointed (:mod:`server.checkpoint`) so ``resume-from`` continues a run as if
+it had never stopped; ``num-server-rounds = 0`` runs until a stop is requested
+(:mod:`server.stop`), and the round in progress is finished and checkpointed first.
 """
 
 from __future__ import annotations
@@ -28,17 +34,21 @@ from common.config import StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from common.errors import StamenError
 from common.identity import SiteSampler
+from common.instruction import schema_header
 from common.models import build_model, resolve_model_name
 from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, screen_reply
 from common.runrecord import build_run_record, derive_seeds, write_run_record
 from common.scenario import scenario_of
-from server.continual import TaskTracker
+from server.continual import Best, ContinualRun
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
+from server.observe import RoundObserver
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
+from server.stop import stop_reason, stop_requested
 from server.strategy.base import ServerOptimizer
 from server.strategy.factory import make_server_optimizer
+from server.tasks import TaskTracker
 
 log = logging.getLogger("stamen.server")
 
@@ -56,16 +66,6 @@ class Screened:
     idle: list[str] = field(default_factory=list)  # sites with no data for this message
     rejected: Counter[str] = field(default_factory=Counter)
     missing: int = 0
-
-
-@dataclass
-class Best:
-    """The best global model so far (the seeds' early stopping, kept for a continual run)."""
-
-    round: int = 0
-    accuracy: float = -math.inf
-    loss: float = math.inf
-    arrays: dict[str, np.ndarray] | None = None
 
 
 def screen_round(
@@ -117,7 +117,12 @@ def server_update(
     expected_sites: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """The next global model: the round's aggregate (with client-level DP: clipped, summed and
-    noised first), then the server optimizer's step — noise before momentum."""
+    noised first), then the server optimizer's step — noise before momentum.
+
+    Replies are summed in site-id order, not arrival order: float sums depend on order, and a
+    resumed run must reproduce the uninterrupted one exactly.
+    """
+    replies = sorted(replies, key=lambda r: r.site_id)
     if dp is None:
         aggregate = weighted_mean(replies)
     else:
@@ -133,7 +138,7 @@ def _weighted(replies: list[SiteReply], key: str) -> float:
     return sum(r.metrics[key] * r.metrics["num-examples"] for r in sent) / total if total else math.nan
 
 
-class Federation:
+class Federation(ContinualRun):
     """One federated run, from the initial model to the summary."""
 
     def __init__(
@@ -188,6 +193,10 @@ class Federation:
         self.tasks = TaskTracker(self.scenario, self.data) if self.scenario and self.scenario.tasks else None
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
+        self.observer = RoundObserver(cfg)
+        self._init_continual()
+        if self.tasks is not None:
+            self.tasks.resume(self.outputs.history)
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
@@ -197,6 +206,7 @@ class Federation:
             "model-name": self.model_name,
             "model-input-shape": list(self.data.input_shape),
             "model-num-classes": self.data.num_classes,
+            **schema_header(),
         }
         content = RecordDict({"config": ConfigRecord(config)})
         if with_model:
@@ -211,11 +221,13 @@ class Federation:
             )
             for s in sites
         ]
-        return list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        replies = list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        self.observer.traffic(messages, replies)
+        return replies
 
     def _federated_eval(self, server_round: int, nodes: dict[str, int]) -> dict[str, float]:
         every = int(self.cfg["eval-every"])
-        last = server_round == int(self.cfg["num-server-rounds"])
+        last = server_round == int(self.cfg["num-server-rounds"]) or stop_requested()
         if float(self.cfg["holdout-fraction"]) == 0 or not (last or (every and server_round % every == 0)):
             return {}
         if self.cfg["dp"] and not self.cfg["dp-public-stats"]:
@@ -242,6 +254,7 @@ class Federation:
             self._send(sites, nodes, "train", server_round), {nodes[s]: s for s in sites}, "train", self.arrays
         )
         row: dict[str, Any] = {
+            "sampled_sites": " ".join(sites),
             "sampled": len(sites),
             "replied": len(screened.good),
             "refused": len(screened.refused),
@@ -252,6 +265,7 @@ class Federation:
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
         self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "idle", "failed")})
+        row.update(self.observer.replies(server_round, screened.good, screened.rejected))
         for reply in screened.good:
             if "epsilon" in reply.metrics:
                 m = reply.metrics
@@ -275,9 +289,12 @@ class Federation:
         # With client-level DP every round releases a noisy model, however many sites replied:
         # skipping on a count would make the release depend on who took part.
         expected = fraction * len(nodes) if self.poisson else len(sites)
+        before = self.arrays
         self.arrays = server_update(
             self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12)
         )
+        row.update(self.observer.updates(before, screened.good, self.arrays))
+        self._new_version(server_round, before, [r.site_id for r in screened.good])
         if self.server_dp is not None:
             row["server_epsilon"] = self.server_dp.epsilon(float(self.cfg["delta"]))
         row["updated"] = True
@@ -291,27 +308,29 @@ class Federation:
         return row
 
     def run(self) -> dict[str, Any]:
-        """Run every round and write the run directory; return the summary."""
-        write_run_record(self.outputs.dir, build_run_record(self.cfg, extra={"model": self.model_name}))
+        """Run rounds until the last one (or a stop request) and write the run directory; return the summary."""
+        if not self.resumes:
+            write_run_record(self.outputs.dir, build_run_record(self.cfg, extra={"model": self.model_name}))
         start = time.monotonic()
         rounds = int(self.cfg["num-server-rounds"])
-        empty = 0
-        completed = 0
-        for server_round in range(1, rounds + 1):
+        server_round = self.start_round
+        completed = server_round - 1
+        while rounds == 0 or server_round <= rounds:
             t0 = time.monotonic()
             nodes = self.directory.refresh()
             if not nodes:
                 raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
+            self.observer.start_round(server_round, len(nodes))
             row = {"round": server_round, **self._train_round(server_round, nodes)}
             if row["replied"] >= int(self.cfg["min-train-sites"]):
-                empty = 0
+                self.empty = 0
             elif row["rejected"] + row["failed"] > 0:
-                empty += 1
+                self.empty += 1
             else:
                 log.warning("round %d: every sampled site refused for its privacy budget or had no data", server_round)
-            if empty >= int(self.cfg["max-empty-rounds"]):
+            if self.empty >= int(self.cfg["max-empty-rounds"]):
                 raise RunFailed(
-                    f"{empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
+                    f"{self.empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
                     f"(round {server_round}: {row['rejected']} rejected, {row['failed']} missing, "
                     f"{row['refused']} refused); see the log for reasons"
                 )
@@ -325,44 +344,74 @@ class Federation:
             row["loss"] = row.get("central_loss", row.get("fed_loss", math.nan))
             row["accuracy"] = row.get("central_accuracy", row.get("fed_accuracy", math.nan))
             row["seconds"] = time.monotonic() - t0
-            row["elapsed"] = time.monotonic() - start
+            row["elapsed"] = self.elapsed_before + time.monotonic() - start
             if row["accuracy"] > self.best.accuracy:
-                self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays))
+                self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays), self.version)
+            if row["updated"]:
+                self._register_version(server_round, row)
+            self._check_divergence(server_round, row)
+            row.update(version=self.version, rollbacks=len(self.rollbacks))
+            self.observer.end_round(row)
             self.outputs.add_round(row)
             completed = server_round
+            stopping = stop_requested()  # read once: a stop must never skip this round's checkpoint
+            if server_round % int(self.cfg["checkpoint-every"]) == 0 or server_round == rounds or stopping:
+                self._save_checkpoint(server_round, row["elapsed"])
             if self.on_round:
                 self.on_round(row)
             log.info(
-                "round %d: accuracy %.4f loss %.4f (%.1fs)", server_round, row["accuracy"], row["loss"], row["seconds"]
+                "round %d: accuracy %.4f loss %.4f, model version %d (%.1fs)",
+                server_round,
+                row["accuracy"],
+                row["loss"],
+                self.version,
+                row["seconds"],
             )
-        return self._finish(completed, time.monotonic() - start)
+            if stopping:
+                log.warning("stopped after round %d (%s); continue with resume-from", server_round, stop_reason())
+                break
+            server_round += 1
+        status = "completed" if completed == rounds else "stopped"
+        return self._finish(completed, self.elapsed_before + time.monotonic() - start, status)
 
-    def _finish(self, completed: int, seconds: float) -> dict[str, Any]:
+    def _finish(self, completed: int, seconds: float, status: str = "completed") -> dict[str, Any]:
         last = self.outputs.history[-1] if self.outputs.history else {}
-        meta = {"round": str(completed), "model": self.model_name}
+        meta = {"round": str(completed), "model": self.model_name, "version": str(self.version)}
         self.outputs.save_model("model.safetensors", self.arrays, meta)
         if self.best.arrays is not None:
             self.outputs.save_model(
-                "best.safetensors", self.best.arrays, {"round": str(self.best.round), "model": self.model_name}
+                "best.safetensors",
+                self.best.arrays,
+                {"round": str(self.best.round), "model": self.model_name, "version": str(self.best.version)},
             )
         summary = {
-            "status": "completed",
+            "status": status,
             "rounds_completed": completed,
             "final": {
                 "accuracy": last.get("accuracy", math.nan),
                 "loss": last.get("loss", math.nan),
                 "source": "centralized" if "central_accuracy" in last else "federated",
             },
-            "best": {"round": self.best.round, "accuracy": self.best.accuracy, "loss": self.best.loss},
+            "best": {
+                "round": self.best.round,
+                "accuracy": self.best.accuracy,
+                "loss": self.best.loss,
+                "version": self.best.version,
+            },
+            "version": self.version,
+            "rollbacks": self.rollbacks,
+            "resumes": self.resumes,
+            "stop_reason": stop_reason(),
             "participation": dict(self.totals),
             "handshake_rejected": dict(self.directory.rejected),
             "seconds": seconds,
             "model": self.model_name,
+            "drift": self.observer.finish(),
         }
         if self.scenario is not None:
             summary["scenario"] = self.scenario.name
         if self.tasks is not None:
-            summary["continual"] = self.tasks.summary()
+            summary["tasks"] = self.tasks.summary()
         if self.cfg["dp"]:
             eps = [p["epsilon"] for p in self.privacy.values()]
             summary["privacy"] = {

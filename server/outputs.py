@@ -7,15 +7,20 @@ progress bar) can follow a run in another process.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import save as st_save
 
+from common.errors import StateError
 from common.state import atomic_write_bytes, atomic_write_json
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -32,6 +37,18 @@ class RunOutputs:
     def add_round(self, row: dict[str, Any]) -> None:
         """Record one round: history.csv rewritten, one progress line appended."""
         self.history.append(row)
+        self._write_table()
+        with open(self.dir / "progress.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """Continue a resumed run: its history up to the checkpoint, rounds after it dropped."""
+        self.history = [dict(row) for row in history]
+        self._write_table()
+        lines = "".join(json.dumps(row) + "\n" for row in self.history)
+        atomic_write_bytes(self.dir / "progress.jsonl", lines.encode(), mode=0o644)
+
+    def _write_table(self) -> None:
         columns: list[str] = []
         for r in self.history:
             columns += [k for k in r if k not in columns]
@@ -40,8 +57,6 @@ class RunOutputs:
         writer.writeheader()
         writer.writerows(self.history)
         atomic_write_bytes(self.dir / "history.csv", buf.getvalue().encode(), mode=0o644)
-        with open(self.dir / "progress.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
 
     def save_model(self, name: str, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
         """A model as safetensors (with string metadata such as round and accuracy)."""
@@ -55,3 +70,23 @@ class RunOutputs:
         path = self.dir / "summary.json"
         atomic_write_json(path, {"schema": SUMMARY_SCHEMA_VERSION, **summary, "history": self.history})
         return path
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir`` for this server process: a second server on the same run is refused.
+
+    An advisory ``flock`` on ``run.lock``: the kernel drops it when the process ends, however
+    it ends, so a crashed run never leaves a stale lock behind.
+    """
+    path = Path(out_dir) / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(f"run directory {out_dir} is in use by another stamen server") from None
+        yield
+    finally:
+        os.close(fd)

@@ -1,9 +1,10 @@
-"""The ``stamen`` command line: simulate, lr-find, plot.
+"""The ``stamen`` command line: simulate (and resume), lr-find, plot, versions, bench.
 
 Bad input ends with one clear line naming the problem and exit code 2, never a
 traceback. A simulation runs in a child process in its own process group, under a
 timeout; whatever happens, the group (Ray's processes included) is stopped before the
-command returns.
+command returns. A SIGTERM or Ctrl-C (or the timeout) first asks the run to stop after its
+current round, with a checkpoint; ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -11,39 +12,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import StamenConfig, parse_assignment
 from common.errors import StamenError
+from simulations.console import clean_errors, console, show_warnings
+from simulations.versions_cli import versions_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="stamen: federated continual learning on Flower.")
-console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def clean_errors(func: F) -> F:
-    """Turn a StamenError into one red line and exit code 2."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except StamenError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+app.add_typer(versions_app, name="versions")
 
 
 def preflight(cfg: StamenConfig, clients: int) -> None:
@@ -70,6 +56,20 @@ def preflight(cfg: StamenConfig, clients: int) -> None:
         seed=derive_seeds(int(cfg["seed"]))["partition"],
     )
     load_server_data(cfg)
+    check_metrics_address(cfg)
+
+
+def check_metrics_address(cfg: StamenConfig) -> None:
+    """A metrics port that is taken fails here, in one line, rather than inside the engine."""
+    port = int(cfg["metrics-port"])
+    if not port:
+        return
+    host = str(cfg["metrics-host"])
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise StamenError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def with_scenario_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -100,15 +100,57 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
             time.sleep(0.1)
 
 
-def run_simulation_process(spec: dict[str, Any], out_dir: Path, timeout: float, *, show_progress: bool) -> int:
-    """Run the engine child under ``timeout``; follow progress.jsonl; stop its group."""
+class _Signals:
+    """SIGTERM/SIGINT received by the CLI while a simulation runs (counted, acted on by the loop)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.count += 1
+        self.last = signal.Signals(signum).name
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress_columns(rounds: int) -> list[Any]:
+    counter = "[bold]round {task.completed}/{task.total}" if rounds else "[bold]round {task.completed} (until stopped)"
+    return [TextColumn(counter), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+
+
+def run_simulation_process(
+    spec: dict[str, Any],
+    out_dir: Path,
+    timeout: float,
+    *,
+    show_progress: bool,
+    stop_grace: float = 120.0,
+    append_log: bool = False,
+) -> int:
+    """Run the engine child under ``timeout``; follow progress.jsonl; stop its group.
+
+    A SIGTERM or SIGINT to this command is passed on (the timeout as a SIGTERM) to the
+    engine process alone, so the ServerApp finishes its round and checkpoints while Ray's
+    clients keep serving it; after ``stop_grace`` seconds, or at a second signal, the whole
+    process group is stopped. Returns the child's exit code, 124 on timeout, or 128 + the
+    signal when the child had to be killed.
+    """
     spec_path = out_dir / "simulation.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     log_path = out_dir / "simulation.log"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     rounds = int(spec["run_config"]["num-server-rounds"])
     progress_file = out_dir / "progress.jsonl"
-    with open(log_path, "wb") as log_fh:
+    with open(log_path, "ab" if append_log else "wb") as log_fh, _Signals() as signals:
         proc = subprocess.Popen(
             [sys.executable, "-m", "simulations.engine", str(spec_path)],
             stdout=log_fh,
@@ -116,20 +158,22 @@ def run_simulation_process(spec: dict[str, Any], out_dir: Path, timeout: float, 
             start_new_session=True,
             env=env,
         )
+        timed_out = False
         try:
             with Progress(
-                TextColumn("[bold]round {task.completed}/{task.total}"),
-                BarColumn(),
-                TextColumn("{task.description}"),
-                TimeElapsedColumn(),
-                console=console,
-                disable=not show_progress,
-                transient=False,
+                *_progress_columns(rounds), console=console, disable=not show_progress, transient=False
             ) as bar:
-                task = bar.add_task("starting Flower simulation engine…", total=rounds)
+                task = bar.add_task("starting Flower simulation engine…", total=rounds or None)
                 deadline = time.monotonic() + timeout
+                kill_at: float | None = None
                 seen = 0
-                while proc.poll() is None and time.monotonic() < deadline:
+                while proc.poll() is None and signals.count < 2 and (kill_at is None or time.monotonic() < kill_at):
+                    if kill_at is None and (signals.count or time.monotonic() >= deadline):
+                        timed_out = not signals.count
+                        why = signals.last or f"--timeout {timeout:.0f}s"
+                        console.print(f"{why}: stopping after the current round (again to stop now)", highlight=False)
+                        os.kill(proc.pid, signal.Signals[signals.last] if signals.last else signal.SIGTERM)
+                        kill_at = time.monotonic() + stop_grace
                     time.sleep(0.25)
                     if progress_file.exists():
                         lines = progress_file.read_text().splitlines()
@@ -142,6 +186,11 @@ def run_simulation_process(spec: dict[str, Any], out_dir: Path, timeout: float, 
                             )
                         seen = len(lines)
             if proc.poll() is None:
+                console.print(
+                    "[bold red]error:[/] the simulation did not stop in time; stopped it without a checkpoint"
+                )
+                return 124 if timed_out else 128 + int(signal.Signals[signals.last or "SIGTERM"])
+            if timed_out:
                 console.print(f"[bold red]error:[/] simulation exceeded --timeout {timeout:.0f}s; stopped")
                 return 124
             return int(proc.returncode)
@@ -168,7 +217,9 @@ def default_out_dir() -> Path:
 @app.command()
 @clean_errors
 def simulate(
-    clients: Annotated[int, typer.Option(help="simulated sites (Flower virtual SuperNodes)")] = 10,
+    clients: Annotated[
+        int | None, typer.Option(help="simulated sites (Flower virtual SuperNodes) [default: 10]")
+    ] = None,
     rounds: Annotated[int | None, typer.Option(help="num-server-rounds")] = None,
     fraction: Annotated[float | None, typer.Option(help="fraction-train: share of sites per round")] = None,
     dataset: Annotated[str | None, typer.Option(help="digits | mnist5k | npz:PATH | csv:PATH | hf:NAME")] = None,
@@ -190,6 +241,7 @@ def simulate(
     privacy_horizon_rounds: Annotated[int | None, typer.Option(help="rounds the calibration covers")] = None,
     epsilon_budget: Annotated[float | None, typer.Option(help="per-site budget (0 = target)")] = None,
     accountant: Annotated[str | None, typer.Option(help="rdp | prv")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port (0 = off)")] = None,
     scenario: Annotated[
         str | None, typer.Option(help="scenario: a bundled name (simulations/scenarios/) or a YAML file")
     ] = None,
@@ -199,8 +251,18 @@ def simulate(
     cpus_per_client: Annotated[float, typer.Option(help="Ray CPUs per simulated client")] = 1.0,
     gpus_per_client: Annotated[float, typer.Option(help="Ray GPUs per simulated client")] = 0.0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue this run directory from its newest valid checkpoint")
+    ] = None,
+    stop_grace: Annotated[
+        float, typer.Option(help="seconds a stopped run gets to finish its round before it is killed")
+    ] = 120.0,
 ) -> None:
-    """Run a federation of CLIENTS simulated sites on this machine (Flower + Ray)."""
+    """Run a federation of CLIENTS simulated sites on this machine (Flower + Ray).
+
+    SIGTERM or Ctrl-C stops the run after the current round, with a checkpoint; --resume
+    continues it. --rounds 0 runs until stopped.
+    """
     flags = {
         "num-server-rounds": rounds,
         "fraction-train": fraction,
@@ -223,19 +285,26 @@ def simulate(
         "privacy-horizon-rounds": privacy_horizon_rounds,
         "epsilon-budget": epsilon_budget,
         "accountant": accountant,
+        "metrics-port": metrics_port,
     }
     raw: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     raw.update(parse_assignment(item) for item in set_ or [])
     if scenario is not None:
         raw["scenario"] = scenario
-    raw = with_scenario_defaults(raw)
-    out_dir = (out or default_out_dir()).expanduser().resolve()
-    raw["out-dir"] = str(out_dir)
-    cfg = StamenConfig.from_mapping(raw)
-    preflight(cfg, clients)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise StamenError(f"run directory {out_dir} is not empty; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        if out is not None and out.expanduser().resolve() != resume.expanduser().resolve():
+            raise StamenError("--resume continues the run in its own directory; leave out --out")
+        out_dir, cfg, clients = resumed_config(resume, raw, clients)
+    else:
+        out_dir = (out or default_out_dir()).expanduser().resolve()
+        raw = with_scenario_defaults(raw)
+        raw["out-dir"] = str(out_dir)
+        cfg = StamenConfig.from_mapping(raw)
+        clients = 10 if clients is None else clients
+        preflight(cfg, clients)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise StamenError(f"run directory {out_dir} is not empty; choose another --out (or --resume it)")
+        out_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "run_config": cfg.as_dict(),
         "clients": clients,
@@ -243,28 +312,72 @@ def simulate(
         "gpus_per_client": gpus_per_client,
         "num_cpus": os.cpu_count() or 1,
     }
+    if cfg["metrics-port"]:
+        from server.exporter import metrics_url
+
+        typer.echo(f"stamen: metrics at {metrics_url(cfg)} while the simulation runs")
     started = time.monotonic()
-    rc = run_simulation_process(spec, out_dir, timeout, show_progress=progress)
+    rc = run_simulation_process(
+        spec, out_dir, timeout, show_progress=progress, stop_grace=stop_grace, append_log=resume is not None
+    )
     wall = time.monotonic() - started
     summary_path = out_dir / "summary.json"
     if rc != 0 or not summary_path.exists():
         tail = (out_dir / "simulation.log").read_text(errors="replace").splitlines()[-25:]
         console.print("\n".join(tail), highlight=False, markup=False)
         console.print(f"[bold red]error:[/] simulation failed (exit {rc}); full log: {out_dir / 'simulation.log'}")
+        if (out_dir / "checkpoints").is_dir():
+            console.print(f"its checkpoints are kept; continue with: stamen simulate --resume {out_dir}")
         raise typer.Exit(1)
-    from simulations.plots import plot_convergence
+    from simulations.plots import plot_run
 
     summary = json.loads(summary_path.read_text())
-    plot_convergence(summary, out_dir / "convergence.png")
+    plot_run(summary, out_dir)
     final = summary["final"]
     privacy = summary.get("privacy")
     spent = f", epsilon max {privacy['epsilon_max']:.2f} (delta {privacy['delta']:g})" if privacy else ""
-    if summary.get("continual"):
-        spent += f", mean forgetting {summary['continual']['forgetting_mean']:.3f}"
+    if summary.get("tasks"):
+        spent += f", mean forgetting {summary['tasks']['forgetting_mean']:.3f}"
     typer.echo(
         f"stamen: {summary['rounds_completed']} rounds, final accuracy {final['accuracy']:.4f} "
-        f"(loss {final['loss']:.4f}, {final['source']}){spent}, wall {wall:.1f}s -> {out_dir}"
+        f"(loss {final['loss']:.4f}, {final['source']}){spent}, model version {summary['version']}, "
+        f"wall {wall:.1f}s -> {out_dir}"
     )
+    if summary["status"] == "stopped":
+        typer.echo(
+            f"stamen: stopped after round {summary['rounds_completed']} ({summary['stop_reason']}); "
+            f"continue with: stamen simulate --resume {out_dir}"
+        )
+
+
+def resumed_config(run_dir: Path, overrides: dict[str, Any], clients: int | None) -> tuple[Path, StamenConfig, int]:
+    """The run directory, config and site count a resumed simulation continues with.
+
+    The config is the newest valid checkpoint's, with ``overrides`` on top (only keys that
+    do not change what the state means); the site count is the original run's.
+    """
+    from server.checkpoint import CheckpointStore, config_changes
+
+    run_dir = run_dir.expanduser().resolve()
+    spec_path = run_dir / "simulation.json"
+    if not spec_path.exists():
+        raise StamenError(f"{run_dir} is not a stamen simulate run directory (no simulation.json)")
+    original = json.loads(spec_path.read_text())
+    if clients is not None and clients != original["clients"]:
+        raise StamenError(f"the run has {original['clients']} sites; --resume cannot change --clients")
+    show_warnings()
+    checkpoint = CheckpointStore(run_dir).load_latest()
+    saved = checkpoint.state["config"]
+    cfg = StamenConfig.from_mapping({**saved, **overrides, "out-dir": str(run_dir), "resume-from": str(run_dir)})
+    config_changes(saved, cfg.as_dict())
+    rounds = int(cfg["num-server-rounds"])
+    if rounds and rounds <= checkpoint.round:
+        raise StamenError(
+            f"the run's checkpoint is at round {checkpoint.round} and num-server-rounds is {rounds}: "
+            f"pass --rounds above {checkpoint.round} (the total), or --rounds 0 to run until stopped"
+        )
+    console.print(f"resuming {run_dir} after round {checkpoint.round} (model version {checkpoint.version})")
+    return run_dir, cfg, int(original["clients"])
 
 
 @app.command("lr-find")
@@ -295,12 +408,30 @@ def lr_find(
 @clean_errors
 def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory with summary.json")]) -> None:
     """Redraw a run's PNG plots from its summary.json."""
-    from simulations.plots import plot_convergence
+    from simulations.plots import plot_run
 
     path = run_dir / "summary.json"
     if not path.exists():
         raise StamenError(f"{path} does not exist")
-    typer.echo(plot_convergence(json.loads(path.read_text()), run_dir / "convergence.png"))
+    for png in plot_run(json.loads(path.read_text()), run_dir):
+        typer.echo(png)
+
+
+@app.command()
+@clean_errors
+def bench(
+    scenarios: Annotated[list[str] | None, typer.Argument(help="scenarios to run (default: all)")] = None,
+    out: Annotated[Path | None, typer.Option(help="results directory (default runs/bench-<timestamp>)")] = None,
+    quick: Annotated[bool, typer.Option(help="every scenario at reduced size, a few minutes in all")] = False,
+) -> None:
+    """Benchmarks: stamen against the compute floor, plain Flower and its goals (DIR/bench.json)."""
+    from simulations.bench.runner import run_bench
+
+    out_dir = out or Path("runs", "bench-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
+    results = run_bench(scenarios or [], out_dir, quick=quick, echo=typer.echo)
+    typer.echo(f"stamen bench: {len(results)} scenario(s) -> {out_dir / 'bench.json'}")
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
 
 
 def main() -> None:

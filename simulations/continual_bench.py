@@ -30,7 +30,7 @@ def _simulate(out: Path, scenario: str, clients: int, replay: int, timeout: floa
     if result.returncode != 0:
         raise StamenError(f"continual benchmark run {out} failed: {result.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    continual = summary["continual"]
+    continual = summary["tasks"]
     return {
         "final_accuracy": summary["final"]["accuracy"],
         "forgetting_task1": continual["forgetting"][0],

@@ -1,4 +1,5 @@
-"""PNG plots of a run, drawn from its ``summary.json`` history (matplotlib, no display)."""
+"""PNG plots of a run, drawn from its ``summary.json`` (matplotlib, no display): ``convergence.png``
+and ``drift.png``."""
 
 from __future__ import annotations
 
@@ -53,3 +54,61 @@ def plot_convergence(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot(ax: Any, history: list[dict[str, Any]], keys: tuple[tuple[str, str], ...], **style: Any) -> None:
+    for key, label in keys:
+        xs, ys = _series(history, key)
+        if xs:
+            ax.plot(xs, ys, marker="o", ms=3, label=label, **style)
+
+
+def plot_drift(summary: dict[str, Any], path: Path) -> Path:
+    """Data drift (per site and max, against the PSI alert line), client drift, update and
+    model-change norms, and concept-drift detections on the global evaluation loss."""
+    history = summary.get("history", [])
+    drift = summary.get("drift", {})
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    ax_data, ax_cos, ax_norm, ax_concept = axes.ravel()
+    sites = [series for series in drift.get("per_site", {}).values() if "label_psi" in series]
+    for i, series in enumerate(sites):
+        label = "label PSI per site" if i == 0 else None
+        ax_data.plot(series["round"], series["label_psi"], lw=0.8, alpha=0.5, label=label)
+    maxima = (("drift_label_psi_max", "max label PSI"), ("drift_feature_psi_max", "max feature PSI"))
+    _plot(ax_data, history, maxima, lw=2)
+    ax_data.axhline(drift.get("psi_threshold", 0.2), color="red", ls="--", lw=1, label="alert threshold")
+    ax_data.set(xlabel="round", ylabel="PSI vs reference window", title="Data drift")
+    _plot(ax_cos, history, (("cosine_mean", "mean"), ("cosine_min", "min")))
+    ax_cos.set(xlabel="round", ylabel="cosine(site update, mean update)", title="Client drift")
+    _plot(
+        ax_norm,
+        history,
+        (
+            ("update_norm_mean", "site update (mean)"),
+            ("model_change_norm", "global model change"),
+            ("server_buffer_norm", "server momentum"),
+        ),
+    )
+    ax_norm.set(xlabel="round", ylabel="L2 norm", title="Updates and model drift", yscale="log")
+    _plot(ax_concept, history, (("loss", "global evaluation loss"),))
+    for i, event in enumerate(drift.get("detections", [])):
+        ax_concept.axvline(
+            event["round"],
+            color="red" if event["series"] == "global" else "orange",
+            lw=1,
+            label="detection (global / site)" if i == 0 else None,
+        )
+    ax_concept.set(xlabel="round", ylabel="cross-entropy", title="Concept drift (Page-Hinkley)")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_run(summary: dict[str, Any], run_dir: Path) -> list[Path]:
+    """Every plot of a run, written into its directory."""
+    return [plot_convergence(summary, run_dir / "convergence.png"), plot_drift(summary, run_dir / "drift.png")]

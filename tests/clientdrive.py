@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from client import app as client_app
 from common.config import StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
+from common.instruction import schema_header
 from common.models import build_model, evaluate_model
 from common.reply import screen_reply
 
@@ -38,6 +39,7 @@ class OneSite:
 
     def _message(self, kind: str, server_round: int) -> Message:
         config = {
+            **schema_header(),
             **self.cfg.as_dict(),
             "server-round": server_round,
             "model-name": self.model_name,

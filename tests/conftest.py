@@ -44,6 +44,21 @@ def run_stamen_simulate(out: Path, *args: str, timeout: float = 300) -> subproce
     return result
 
 
+def ray_processes() -> set[int]:
+    """Pids of Ray daemons (raylet, gcs_server) currently alive on this machine."""
+    found: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"raylet" in cmd or b"gcs_server" in cmd:
+            found.add(int(proc.name))
+    return found
+
+
 @pytest.fixture
 def stamen_simulate() -> Callable[..., subprocess.CompletedProcess[str]]:
     """:func:`run_stamen_simulate`, for tests that start a simulation."""

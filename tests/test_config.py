@@ -10,6 +10,7 @@ import pytest
 
 from common.config import KEY_BY_NAME, KEYS, StamenConfig, parse_assignment
 from common.errors import ConfigError
+from server.app import resolve_out_dir
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -112,7 +113,7 @@ def test_unknown_keys_pass_when_not_strict() -> None:
 @pytest.mark.parametrize(
     ("key", "raw"),
     [
-        ("num-server-rounds", 0),
+        ("num-server-rounds", -1),
         ("fraction-train", 0.0),
         ("fraction-train", 1.5),
         ("fraction-evaluate", -0.1),
@@ -196,3 +197,33 @@ def test_parse_assignment(text: str, expected: tuple[str, str]) -> None:
 def test_parse_assignment_errors(text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_assignment(text)
+
+
+# --- continual runs ---------------------------------------------------------------------------
+
+
+def test_zero_rounds_means_until_stopped_and_needs_a_cosine_horizon() -> None:
+    assert StamenConfig.from_mapping({"num-server-rounds": 0, "lr-schedule": "constant"})["num-server-rounds"] == 0
+    assert StamenConfig.from_mapping({"num-server-rounds": 0, "lr-horizon-rounds": 50}).lr_horizon_rounds == 50
+    with pytest.raises(ConfigError, match="lr-horizon-rounds >= 1 when rounds are unbounded"):
+        StamenConfig.from_mapping({"num-server-rounds": 0})
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [("", None), ("4:20", (4, 4, 20.0)), (" 3-5:0.5 ", (3, 5, 0.5))])
+def test_server_lr_spike_parses(raw: str, parsed: tuple[int, int, float] | None) -> None:
+    assert StamenConfig.from_mapping({"server-lr-spike": raw}).server_lr_spike == parsed
+
+
+@pytest.mark.parametrize("raw", ["4", "a-b:2", "5-3:2", "0-2:2", "3:0", "3:nan", "1-2:3:4"])
+def test_a_bad_server_lr_spike_names_the_key(raw: str) -> None:
+    with pytest.raises(ConfigError, match="'server-lr-spike'"):
+        StamenConfig.from_mapping({"server-lr-spike": raw})
+
+
+def test_a_resumed_run_stays_in_its_own_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = StamenConfig.from_mapping({"resume-from": str(run)})
+    assert resolve_out_dir(cfg) == run.resolve()
+    assert resolve_out_dir(cfg.replace(out_dir=str(run))) == run.resolve()
+    with pytest.raises(ConfigError, match="resume-from continues the run in its own directory"):
+        resolve_out_dir(cfg.replace(out_dir=str(tmp_path / "other")))

@@ -134,7 +134,8 @@ def test_under_dp_the_ledger_sample_rate_follows_the_data_size(tmp_path: Path, d
     assert [r["sample-rate"] for r in first + second] == [rate_a, rate_a, rate_ab, rate_ab]
     ledger = json.loads((tmp_path / "state" / "node-a" / "privacy_ledger.json").read_text())["data"]
     assert [(sigma, rate) for sigma, rate, _ in ledger["history"]] == [(1.0, rate_a), (1.0, rate_ab)]
-    assert ledger["rounds"] == 4 and len(ledger["releases"]) == 2
+    # released once per data version: its size, its label histogram and its feature sketch (drift)
+    assert ledger["rounds"] == 4 and len(ledger["releases"]) == 2 * 3
     assert second[-1]["epsilon"] > first[-1]["epsilon"] > 0
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from common.errors import ConfigError
 from common.scenario import parse_scenario
-from server.continual import TaskTracker
 from server.evaluate import ServerData, evaluate_tasks
+from server.tasks import TaskTracker
 
 
 class Fixed(nn.Module):
@@ -69,3 +69,14 @@ def test_forgetting_is_best_ever_minus_final_per_task() -> None:
     assert summary["forgetting"] == pytest.approx([0.8, 0.6, 0.0])
     assert summary["forgetting_mean"] == pytest.approx(0.7)  # tasks 1 and 2; task 3 is still being trained
     assert not math.isnan(summary["forgetting_mean"])
+
+
+def test_a_resumed_run_rebuilds_best_accuracies_from_its_history() -> None:
+    scenario = parse_scenario({"tasks": {"rounds-per-task": 1, "classes": [[0, 1], [2, 3]]}}, "t")
+    straight = TaskTracker(scenario, _data())
+    rows = [straight.observe(r, _model(c)) for r, c in enumerate([{0: 10, 1: 10}, {0: 3, 1: 3, 2: 10, 3: 10}], 1)]
+    resumed = TaskTracker(scenario, _data())
+    resumed.resume([{"round": 1, **rows[0]}])  # the checkpoint holds round 1's history row
+    resumed.observe(2, _model({0: 3, 1: 3, 2: 10, 3: 10}))
+    assert resumed.summary() == straight.summary()
+    assert resumed.summary()["forgetting"] == pytest.approx([0.7, 0.0])

@@ -22,6 +22,7 @@ from client.ledger import PrivacyLedger
 from common.boundary import FIELDS, Treatment, unaccounted
 from common.config import StamenConfig
 from common.convert import arrays_to_record, model_to_arrays
+from common.instruction import schema_header
 from common.models import build_model
 from common.reply import Status, screen_reply
 from common.state import SiteStore
@@ -46,6 +47,7 @@ def _run_config(tmp_path: Path, **changes: Any) -> dict[str, Any]:
         "model-name": "cnn8",
         "model-input-shape": [1, 8, 8],
         "model-num-classes": 10,
+        **schema_header(),
     }
 
 
@@ -77,7 +79,7 @@ def test_dp_site_with_defaults_sends_only_accounted_fields(tmp_path: Path, instr
     # the count it sent is the charged release, and the schedule follows it, not the exact size
     store = SiteStore(tmp_path / "sites", "site-0001")
     ledger = PrivacyLedger.load(store)
-    assert ledger.releases == (10.0,)
+    assert ledger.releases == (10.0, 10.0, 10.0)  # example count, label histogram, feature sketch (drift)
     sent = metrics["num-examples"]
     assert sent == max(1, round(store.read_json("releases")["num-examples"]["values"][0]))
     exact = load_site_data(NODE, StamenConfig.from_mapping({"dataset": "digits", "min-partition-size": 10})).num_train
@@ -87,7 +89,7 @@ def test_dp_site_with_defaults_sends_only_accounted_fields(tmp_path: Path, instr
     # a second round of the same data re-sends the cached count: no new charge
     again = client_app.train(_message(instruction, MessageType.TRAIN, {**config, "server-round": 2}), _context())
     assert _metrics(again)["num-examples"] == sent
-    assert PrivacyLedger.load(store).releases == (10.0,)
+    assert PrivacyLedger.load(store).releases == (10.0, 10.0, 10.0)
     assert PrivacyLedger.load(store).rounds == 2
 
 

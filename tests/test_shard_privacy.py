@@ -73,34 +73,51 @@ def _ledgers(tmp_path: Path) -> dict[str, dict]:
 def test_per_shard_fresh_data_gets_fresh_budget_and_replay_is_charged_to_its_shard(tmp_path: Path) -> None:
     site = _site(tmp_path, "per-shard")
     n_a = _drop(tmp_path, "a.npz", slice(0, 600))
-    replies = {r: site.train(r) for r in (1, 2)}
+    replies, spent_after = {}, {}
+
+    def train(server_round: int) -> None:
+        replies[server_round] = site.train(server_round)
+        spent_after[server_round] = {
+            name: (doc["rounds"], len(doc["releases"])) for name, doc in _ledgers(tmp_path).items()
+        }
+
+    for r in (1, 2):
+        train(r)
     os.remove(tmp_path / "inbox" / "a.npz")  # A's records now exist only in the replay buffer
     n_b = _drop(tmp_path, "b.npz", slice(600, 1000))
-    replies.update({r: site.train(r) for r in range(3, 9)})
+    for r in range(3, 9):
+        train(r)
     n_c = _drop(tmp_path, "c.npz", slice(1000, 1300))
-    replies[9] = site.train(9)
+    for r in (9, 10):
+        train(r)
 
-    status = {r: reply["status"] for r, reply in replies.items()}
-    assert status == {**dict.fromkeys(range(1, 8), "ok"), 8: "refused_budget", 9: "ok"}
-    ledgers = _ledgers(tmp_path)
-    shard = {name: ledgers[f"privacy_ledger.shard-{_sha(tmp_path, name)}.json"] for name in ("a", "b", "c")}
-    assert "privacy_ledger.json" not in ledgers, "per-shard keeps no site-wide ledger"
-    # A was trained on in rounds 1-2 from its file, then 3-6 only through replay: each charged to A
-    assert shard["a"]["rounds"] == 6 and shard["b"]["rounds"] == 5 and shard["c"]["rounds"] == 1
+    a, b, c = (f"privacy_ledger.shard-{_sha(tmp_path, name)}.json" for name in ("a", "b", "c"))
+    assert "privacy_ledger.json" not in spent_after[10], "per-shard keeps no site-wide ledger"
+    rounds_of = {r: {k: v[0] for k, v in spent.items()} for r, spent in spent_after.items()}
+    # A trained from its file in rounds 1-2, then only through replay, each round charged to A
+    assert rounds_of[3][a] == 3 and rounds_of[3][b] == 1
     # the sizes a DP site sends are Gaussian releases (std dp-stats-noise = 10): within 5 std of the truth
     assert replies[1]["num-examples"] == pytest.approx(n_a, abs=50)
     assert replies[3]["num-examples"] == pytest.approx(n_a + n_b, abs=50)
-    # round 7: A is out of budget, so it (and its replayed records) leave the data, and the rate follows
-    assert replies[7]["num-examples"] == pytest.approx(n_b, abs=50)
-    assert replies[7]["sample-rate"] == dp_schedule(int(replies[7]["num-examples"]), site.cfg)[0]
-    assert "every data shard of this site is out of budget" in replies[8]["reason"]
-    assert replies[9]["num-examples"] == pytest.approx(n_c, abs=50), "only the fresh shard C trains"
-    # the size is released once per set of shards trained together, never again for the same set:
-    # A in {A}, {A,B}, {A,B,C}; B in {A,B}, {B}, {A,B,C}; C in {A,B,C}, {C}
-    assert [len(shard[name]["releases"]) for name in ("a", "b", "c")] == [3, 3, 2]
-    epsilons = {name: _epsilon(doc) for name, doc in shard.items()}
+    # a round where A is out of budget: A and its replayed records leave the data, B trains alone
+    alone = [r for r in range(4, 9) if replies[r]["status"] == "ok" and rounds_of[r][a] == rounds_of[r - 1][a]]
+    assert alone, "A never ran out of budget before B"
+    r = alone[0]
+    assert rounds_of[r][b] == rounds_of[r - 1][b] + 1
+    assert replies[r]["num-examples"] == pytest.approx(n_b, abs=50)
+    assert replies[r]["sample-rate"] == dp_schedule(int(replies[r]["num-examples"]), site.cfg)[0]
+    # then B is spent too: the site refuses, and a refusing site pays for nothing
+    refused = [r for r in range(4, 9) if replies[r]["status"] == "refused_budget"]
+    assert refused and refused == list(range(refused[0], 9))
+    assert "every data shard of this site is out of budget" in replies[refused[-1]]["reason"]
+    assert spent_after[refused[-1]] == spent_after[refused[0]]
+    # fresh data, fresh budget: C arrives and the site trains again; on its own the round after
+    assert replies[9]["status"] == replies[10]["status"] == "ok"
+    assert rounds_of[10][c] == 2
+    assert replies[10]["num-examples"] == pytest.approx(n_c, abs=50)
+    epsilons = {name: _epsilon(doc) for name, doc in _ledgers(tmp_path).items()}
     assert all(eps <= BUDGET for eps in epsilons.values()), epsilons
-    assert replies[9]["epsilon"] == pytest.approx(max(epsilons.values()))
+    assert replies[10]["epsilon"] == pytest.approx(max(epsilons.values()))
 
 
 def test_refuse_keeps_one_ledger_and_refuses_forever_even_when_new_data_arrives(tmp_path: Path) -> None:

@@ -10,29 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ray_processes
 from safetensors.numpy import load_file
 
 from common.config import KEYS
 
 
-def _ray_processes() -> set[int]:
-    """Pids of Ray daemons (raylet, gcs_server) currently alive on this machine."""
-    found: set[int] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"raylet" in cmd or b"gcs_server" in cmd:
-            found.add(int(proc.name))
-    return found
-
-
 @pytest.mark.slow
 def test_three_sites_three_rounds_on_digits(tmp_path: Path, stamen_simulate: Callable[..., Any]) -> None:
-    before = _ray_processes()
+    before = ray_processes()
     out = tmp_path / "run"
     result = stamen_simulate(out, "--clients", "3", "--rounds", "3", "--dataset", "digits", "--local-epochs", "2")
     assert "final accuracy" in result.stdout
@@ -62,4 +48,4 @@ def test_three_sites_three_rounds_on_digits(tmp_path: Path, stamen_simulate: Cal
         participation = json.loads((out / "sites" / site / "participation.json").read_text())
         assert participation["data"]["rounds"] == 3
 
-    assert _ray_processes() <= before, "the simulation left Ray processes behind"
+    assert ray_processes() <= before, "the simulation left Ray processes behind"
