@@ -14,9 +14,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client.attack import attack_of, poison_data, poison_update
 from client.dp import train_private
 from client.drift import site_drift
 from client.label_shift import apply_label_shift
@@ -140,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
         ins = Instruction(msg, context)
         store = ins.store()
         view = apply_label_shift(ins.view(ingest=True), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
+        view = poison_data(view, attack_of(ins.cfg, ins.node_config), ins.num_classes)
         replay = ins.replay(store)
         pool = TrainingPool.build(view, replay.replay(view) if replay else None)
         if len(pool) == 0:
@@ -155,9 +157,7 @@ def train(msg: Message, context: Context) -> Message:
             )
             _record_participation(store, ins, result.num_examples)
             metrics = {**result.metrics(), **_drift(ins, view, store, seed, None)}
-            reply = make_reply(
-                msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics
-            )
+            reply = make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
         if replay is not None and _trained(reply):
             replay.offer(view)
             replay.save()
@@ -192,6 +192,16 @@ def _drift(
         budget=float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget)),
         delta=float(cfg["delta"]),
     )
+
+
+def _sent_arrays(ins: Instruction, model: torch.nn.Module, store: SiteStore) -> ArrayRecord:
+    """The trained model as sent: honest, or transformed by a simulation's poisoning scenario."""
+    arrays = model_to_arrays(model)
+    if ins.arrays is not None:
+        arrays = poison_update(
+            attack_of(ins.cfg, ins.node_config), ins.arrays, arrays, float(ins.cfg["attack-scale"]), store
+        )
+    return arrays_to_record(arrays)
 
 
 def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
@@ -273,7 +283,7 @@ def _train_private(
     }
     if not ins.public_stats:
         del metrics["train-loss"]
-    return make_reply(msg, ins.site_id, Status.OK, arrays=arrays_to_record(model_to_arrays(model)), metrics=metrics)
+    return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
 
 
 def _statistics_ledger(store: SiteStore, cfg: StamenConfig, view: SiteView) -> PrivacyLedger | ShardLedgers:

@@ -70,6 +70,23 @@ KEYS: tuple[Key, ...] = (
         ">= 0",
     ),
     Key("round-timeout", float, 600.0, "seconds the server waits for a round's replies", _pos, "> 0"),
+    Key("reply-poll-interval", float, 0.2, "seconds between the server's looks for replies", _pos, "> 0"),
+    Key(
+        "min-available-sites",
+        int,
+        1,
+        "connected sites a round waits for before sampling",
+        lambda v: v >= 1,
+        ">= 1",
+    ),
+    Key(
+        "wait-for-sites",
+        float,
+        60.0,
+        "seconds a round waits for min-available-sites, then goes on with those connected",
+        _nonneg,
+        ">= 0",
+    ),
     Key(
         "max-empty-rounds",
         int,
@@ -250,6 +267,52 @@ KEYS: tuple[Key, ...] = (
         "fixed: a fixed number of sites per round; poisson: each site independently (amplifies server DP)",
         *_choice("fixed", "poisson"),
     ),
+    # --- bounded trust in site reports and robust aggregation (server/trust.py) ---------
+    Key(
+        "aggregation",
+        str,
+        "mean",
+        "rule the server optimizer steps towards",
+        *_choice("mean", "median", "trimmed-mean", "krum", "multikrum"),
+    ),
+    Key(
+        "trim-fraction",
+        float,
+        0.2,
+        "trimmed-mean: fraction cut at each end per coordinate",
+        lambda v: 0 <= v < 0.5,
+        "in [0, 0.5)",
+    ),
+    Key("byzantine-sites", int, 1, "krum/multikrum: malicious sites assumed per round", lambda v: v >= 0, ">= 0"),
+    Key(
+        "max-site-weight",
+        float,
+        0.0,
+        "largest share of the total weight one site may have (0 or 1 = off)",
+        lambda v: 0 <= v <= 1,
+        "in [0, 1]",
+    ),
+    Key("equal-weights", bool, False, "weigh every site the same, whatever example count it reports"),
+    Key("update-norm-bound", float, 0.0, "largest L2 norm of a site's update (0 = off)", _nonneg, ">= 0"),
+    Key("update-norm-action", str, "clip", "what happens to an update over the bound", *_choice("clip", "reject")),
+    Key(
+        "outlier-mad-k",
+        float,
+        0.0,
+        "reject updates with norm > median + k * MAD of the round (0 = off)",
+        _nonneg,
+        ">= 0",
+    ),
+    # --- poisoning scenarios, simulation only (client/attack.py) ------------------------
+    Key(
+        "attack",
+        str,
+        "none",
+        "what the attacking sites do",
+        *_choice("none", "sign-flip", "scale", "label-flip", "nan", "stale"),
+    ),
+    Key("attack-sites", str, "", "attacking partitions: a count N (partitions 0..N-1) or a list like '2,5'"),
+    Key("attack-scale", float, 10.0, "factor of scale and sign-flip attacks", _pos, "> 0"),
     # --- server optimizer ---------------------------------------------------------------
     Key("strategy", str, "fedavgm", "server optimizer", *_choice("fedavg", "fedavgm", "fedadam", "fedyogi")),
     Key("server-lr", float, 1.0, "server learning rate (eta for fedadam/fedyogi)", _pos, "> 0"),
@@ -352,6 +415,13 @@ class StamenConfig:
             raise ConfigError(
                 "dp with target-epsilon needs privacy-horizon-rounds >= 1 (rounds each site is planned to "
                 "train), or set noise-multiplier explicitly"
+            )
+        robust = self["aggregation"] != "mean" or self["outlier-mad-k"] > 0
+        if self["server-dp-clip"] > 0 and (robust or self["max-site-weight"] not in (0, 1) or self["equal-weights"]):
+            raise ConfigError(
+                "server-dp-clip (client-level DP) sums clipped updates with equal weight; aggregation other than "
+                "'mean', outlier-mad-k and site weight caps make one site's update change how others are counted, "
+                "which the DP guarantee does not cover: turn them off, or turn server-dp-clip off"
             )
         if bool(self["metrics-certfile"]) != bool(self["metrics-keyfile"]):
             raise ConfigError("metrics-certfile and metrics-keyfile must be set together (TLS needs both)")

@@ -63,6 +63,8 @@ REJECT_REASONS = (
     "wrong_shape",  # an array's shape or dtype differs from the global model's
     "non_finite",  # NaN or inf in arrays or metrics
     "bad_metrics",  # missing, extra or out-of-range metric values
+    "norm_bound",  # the update is longer than update-norm-bound (update-norm-action = reject)
+    "outlier",  # the update norm is above the round's median + outlier-mad-k * MAD
 )
 
 

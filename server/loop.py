@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -42,6 +43,7 @@ from common.scenario import scenario_of
 from server.continual import Best, ContinualRun
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
+from server.grid_rounds import exchange, wait_for_nodes
 from server.observe import RoundObserver
 from server.outputs import RunOutputs
 from server.sites import SiteDirectory
@@ -49,8 +51,13 @@ from server.stop import stop_reason, stop_requested
 from server.strategy.base import ServerOptimizer
 from server.strategy.factory import make_server_optimizer
 from server.tasks import TaskTracker
+from server.trust import TrustPolicy
 
 log = logging.getLogger("stamen.server")
+
+
+#: Error replies the SuperLink writes itself for a site that did not answer (heartbeat lost, instruction expired).
+UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)
 
 
 class RunFailed(StamenError):
@@ -82,6 +89,8 @@ def screen_round(
     out = Screened()
     seen: set[str] = set()
     for msg in replies:
+        if msg.has_error() and msg.error.code in UNAVAILABLE:
+            continue  # the SuperLink's word that the node or its reply never came: a failed site, counted missing
         expected = addressed.get(msg.metadata.src_node_id)
         try:
             if expected is None or expected in seen:
@@ -115,16 +124,18 @@ def server_update(
     server_round: int,
     dp: DPFedAvg | None = None,
     expected_sites: float = 0.0,
+    trust: TrustPolicy | None = None,
 ) -> dict[str, np.ndarray]:
     """The next global model: the round's aggregate (with client-level DP: clipped, summed and
     noised first), then the server optimizer's step — noise before momentum.
 
     Replies are summed in site-id order, not arrival order: float sums depend on order, and a
-    resumed run must reproduce the uninterrupted one exactly.
+    resumed run must reproduce the uninterrupted one exactly. ``trust`` picks the aggregation
+    rule and the site weights (:mod:`server.trust`); without it, the example-weighted mean.
     """
     replies = sorted(replies, key=lambda r: r.site_id)
     if dp is None:
-        aggregate = weighted_mean(replies)
+        aggregate = weighted_mean(replies) if trust is None else trust.aggregate(replies)
     else:
         models = [record_to_arrays(r.content["arrays"]) for r in replies if r.content is not None]
         aggregate = dp.aggregate(current, models, expected_sites, server_round)
@@ -171,6 +182,7 @@ class Federation(ContinualRun):
         )
         self.sampler = SiteSampler(self.seeds["sampling"])
         self.poisson = cfg["site-sampling"] == "poisson"
+        self.trust = TrustPolicy.from_config(cfg)
         self.server_dp = (
             DPFedAvg(
                 float(cfg["server-dp-clip"]),
@@ -184,7 +196,10 @@ class Federation(ContinualRun):
         )
         self.state_dir = str(Path(cfg["state-dir"] or Path(out_dir) / "sites").resolve())
         self.directory = SiteDirectory(
-            grid, lambda: self._content(0, with_model=False), timeout=float(cfg["round-timeout"])
+            grid,
+            lambda: self._content(0, with_model=False),
+            timeout=float(cfg["round-timeout"]),
+            poll=float(cfg["reply-poll-interval"]),
         )
         self.best = Best()
         self.scenario = scenario_of(cfg)
@@ -215,13 +230,18 @@ class Federation(ContinualRun):
 
     def _send(self, sites: list[str], nodes: dict[str, int], kind: str, server_round: int) -> list[Message]:
         message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        deadline = float(self.cfg["round-timeout"])
         messages = [
             Message(
-                self._content(server_round), dst_node_id=nodes[s], message_type=message_type, group_id=str(server_round)
+                self._content(server_round),
+                dst_node_id=nodes[s],
+                message_type=message_type,
+                group_id=str(server_round),
+                ttl=deadline,
             )
             for s in sites
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=float(self.cfg["round-timeout"])))
+        replies = exchange(self.grid, messages, timeout=deadline, poll=float(self.cfg["reply-poll-interval"])).replies
         self.observer.traffic(messages, replies)
         return replies
 
@@ -253,6 +273,7 @@ class Federation(ContinualRun):
         screened = screen_round(
             self._send(sites, nodes, "train", server_round), {nodes[s]: s for s in sites}, "train", self.arrays
         )
+        screened.good = self.trust.screen(self.arrays, screened.good, screened.rejected)
         row: dict[str, Any] = {
             "sampled_sites": " ".join(sites),
             "sampled": len(sites),
@@ -291,7 +312,7 @@ class Federation(ContinualRun):
         expected = fraction * len(nodes) if self.poisson else len(sites)
         before = self.arrays
         self.arrays = server_update(
-            self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12)
+            self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12), self.trust
         )
         row.update(self.observer.updates(before, screened.good, self.arrays))
         self._new_version(server_round, before, [r.site_id for r in screened.good])
@@ -317,14 +338,23 @@ class Federation(ContinualRun):
         completed = server_round - 1
         while rounds == 0 or server_round <= rounds:
             t0 = time.monotonic()
+            wait_for_nodes(self.grid, int(self.cfg["min-available-sites"]), float(self.cfg["wait-for-sites"]))
             nodes = self.directory.refresh()
-            if not nodes:
-                raise RunFailed("no site answered the identity handshake: check the SuperNodes and their config")
             self.observer.start_round(server_round, len(nodes))
-            row = {"round": server_round, **self._train_round(server_round, nodes)}
+            if len(nodes) >= int(self.cfg["min-train-sites"]):
+                row = {"round": server_round, **self._train_round(server_round, nodes)}
+            else:
+                row = {"round": server_round, "sampled": 0, "replied": 0, "refused": 0, "failed": 0, "rejected": 0}
+                row.update(updated=False, skipped=1)
+                log.warning(
+                    "round %d skipped: %d site(s) answered the identity handshake, min-train-sites is %s",
+                    server_round,
+                    len(nodes),
+                    self.cfg["min-train-sites"],
+                )
             if row["replied"] >= int(self.cfg["min-train-sites"]):
                 self.empty = 0
-            elif row["rejected"] + row["failed"] > 0:
+            elif row["rejected"] + row["failed"] + row.get("skipped", 0) > 0:
                 self.empty += 1
             else:
                 log.warning("round %d: every sampled site refused for its privacy budget or had no data", server_round)
@@ -332,7 +362,7 @@ class Federation(ContinualRun):
                 raise RunFailed(
                     f"{self.empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
                     f"(round {server_round}: {row['rejected']} rejected, {row['failed']} missing, "
-                    f"{row['refused']} refused); see the log for reasons"
+                    f"{row['refused']} refused, {len(nodes)} sites connected); see the log for reasons"
                 )
             row.update(self._federated_eval(server_round, nodes))
             load_arrays(self.model, self.arrays)

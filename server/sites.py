@@ -17,6 +17,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.reply import RejectedReply, screen_reply
+from server.grid_rounds import exchange
 
 log = logging.getLogger("stamen.server")
 
@@ -24,10 +25,11 @@ log = logging.getLogger("stamen.server")
 class SiteDirectory:
     """site-id <-> node-id mapping, refreshed from the grid before each round."""
 
-    def __init__(self, grid: Grid, content: Callable[[], RecordDict], timeout: float) -> None:
+    def __init__(self, grid: Grid, content: Callable[[], RecordDict], timeout: float, poll: float) -> None:
         self._grid = grid
         self._content = content
         self._timeout = timeout
+        self._poll = poll
         self._site_of: dict[int, str] = {}
         self.rejected: Counter[str] = Counter()
 
@@ -38,8 +40,10 @@ class SiteDirectory:
             del self._site_of[node_id]
         new = sorted(live - set(self._site_of))
         if new:
-            messages = [Message(self._content(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-            for reply in self._grid.send_and_receive(messages, timeout=self._timeout):
+            messages = [
+                Message(self._content(), dst_node_id=n, message_type=MessageType.QUERY, ttl=self._timeout) for n in new
+            ]
+            for reply in exchange(self._grid, messages, timeout=self._timeout, poll=self._poll).replies:
                 try:
                     site = screen_reply(reply, "query", expected_site=None)
                 except RejectedReply as exc:

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import StamenConfig, parse_assignment
 from common.errors import StamenError
+from simulations import deploy_cli
 from simulations.console import clean_errors, console, show_warnings
 from simulations.versions_cli import versions_app
 
@@ -432,6 +433,10 @@ def bench(
     typer.echo(f"stamen bench: {len(results)} scenario(s) -> {out_dir / 'bench.json'}")
     if any("error" in r for r in results):
         raise typer.Exit(1)
+
+
+app.command("node")(clean_errors(deploy_cli.node))
+app.command("superlink")(clean_errors(deploy_cli.superlink))
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from opacus import GradSampleModule
 from torch import nn
 
@@ -330,7 +331,7 @@ def test_round_rejects_a_reply_from_a_node_not_addressed(instruction: MakeInstru
 
 def test_round_counts_message_errors_and_missing_replies(instruction: MakeInstruction) -> None:
     replies = [
-        Message(Error(code=3, reason="timeout"), reply_to=instruction(11)),
+        Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ClientApp raised"), reply_to=instruction(11)),
         make_reply(instruction(12), "site-b", Status.ERROR, reason="disk full"),
         train_reply(instruction(13), "site-c", update(0)),
     ]
@@ -339,6 +340,19 @@ def test_round_counts_message_errors_and_missing_replies(instruction: MakeInstru
     assert [r.site_id for r in screened.good] == ["site-c"]
     assert screened.rejected == Counter({"message_error": 1, "client_error": 1})
     assert (screened.refused, screened.missing) == ([], 1)
+
+
+@pytest.mark.parametrize(
+    "code", [ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE]
+)
+def test_the_superlinks_word_that_a_site_never_answered_counts_as_missing(
+    instruction: MakeInstruction, code: int
+) -> None:
+    """Instruction expired unanswered, reply expired, heartbeat lost: a failed site, not a rejected reply."""
+    replies = [Message(Error(code=code, reason="unavailable"), reply_to=instruction(11))]
+    screened = screen_round(replies, {11: "site-a", 12: "site-b"}, "train", REFERENCE)
+    assert screened.rejected == Counter() and screened.good == []
+    assert screened.missing == 2
 
 
 # --- canonical keys under Opacus ----------------------------------------------------------

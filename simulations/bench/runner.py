@@ -35,6 +35,7 @@ SCENARIOS: dict[str, str] = {
     "privacy-utility": "simulations.bench.privacy_utility",
     "scale": "simulations.bench.scale",
     "continual": "simulations.bench.continual",
+    "robustness": "simulations.bench.robustness",
 }
 
 BENCH_SCHEMA_VERSION = 1

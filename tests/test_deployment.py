@@ -1,0 +1,135 @@
+"""A deployed federation on loopback, as real processes: TLS, node authentication, a node
+killed and restarted mid-run, and a node nobody registered.
+
+SuperLink (``stamen superlink``: TLS with a fresh development CA, SuperNode authentication,
+a database file), three sites (``stamen node``: each with its own key, npz data directory
+and private state directory, DP-SGD with a privacy ledger), ``flwr run`` of 8 rounds with
+a per-round reply deadline. In round 2 one site's ``flower-supernode`` gets ``kill -9``
+while it trains; the deadline ends rounds 2 and 3 with the two others (Flower itself
+would notice the dead node only after its heartbeat timeout, about a minute). The site is
+started again with the same state directory before round 4, takes part in a later round,
+and its epsilon continues from its ledger. A node whose key was never registered is
+refused by the SuperLink.
+
+Run alone with ``pytest -m deployment``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from client.ledger import PrivacyLedger
+from common.state import SiteStore
+from simulations.loopback import Loopback, digits_shards, read_progress
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
+ROUNDS = 8
+DEADLINE = 45.0  # round-timeout: above a round's compute on a busy 2-core box, below Flower's ~60 s heartbeat
+RUN_TIMEOUT = 600.0
+DELTA = 1e-5
+SITES = ["site-a", "site-b", "site-c"]
+VICTIM = "site-b"
+
+
+def _epsilon(state_dir: Path, site_id: str) -> tuple[float, int]:
+    ledger = PrivacyLedger.load(SiteStore(state_dir, site_id), "rdp")
+    return ledger.epsilon(DELTA), ledger.steps
+
+
+def _wait(what: str, cond: Callable[[], bool], timeout: float, fed: Loopback) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {p.name} ---\n{p.tail(2500)}" for p in fed.procs)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
+
+
+def _round2_training(log: Path) -> bool:
+    """The site's SuperNode has received its round-2 training instruction."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    at = text.find("ROUND 2]")
+    return at >= 0 and "Receiving: train message" in text[at:]
+
+
+def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with Loopback(tmp_path / "fed") as fed:
+        fed.start_superlink()
+        for site_id, (x, y) in zip(SITES, digits_shards(len(SITES)), strict=True):
+            fed.add_site(site_id, x, y)
+        rogue_x, rogue_y = digits_shards(1, seed=1)[0]
+        fed.add_site("rogue", rogue_x[:50], rogue_y[:50], register=False)
+        nodes = {s: fed.start_node(s) for s in SITES}
+        rogue = fed.start_node("rogue", connect_timeout=3.0)
+
+        run = fed.flwr_run(
+            {
+                "num-server-rounds": ROUNDS,
+                "dataset": "digits",
+                "out-dir": str(out),
+                "round-timeout": DEADLINE,
+                "min-available-sites": 3,
+                "wait-for-sites": 120.0,
+                "lr-schedule": "constant",
+                "lr": 0.1,
+                "dp": True,
+                "noise-multiplier": 0.6,
+                "epsilon-budget": 1000.0,
+                "seed": 7,
+            }
+        )
+
+        # An unregistered key: the SuperLink refuses activation, `stamen node` gives up with a clear error.
+        assert rogue.popen.wait(timeout=120) == 2, rogue.tail()
+        assert "refused node rogue" in rogue.tail(), rogue.tail()
+
+        # kill -9 the victim's SuperNode while it trains in round 2.
+        victim = nodes[VICTIM]
+        _wait("the victim's round-2 training instruction", lambda: _round2_training(victim.log), RUN_TIMEOUT, fed)
+        eps_before, steps_before = _epsilon(fed.sites[VICTIM].state_dir, VICTIM)
+        supernode = fed.supernode_pid(victim)
+        assert supernode is not None, victim.tail()
+        os.kill(supernode, signal.SIGKILL)
+        assert read_progress(out)[-1]["round"] == 1, "the kill was meant for round 2"
+        assert victim.popen.wait(timeout=120) != 0, "stamen node should end with its SuperNode"
+
+        # Same state directory, started again before round 4 (during round 2 or 3).
+        _wait("round 2 to complete", lambda: len(read_progress(out)) >= 2, RUN_TIMEOUT, fed)
+        assert len(read_progress(out)) < 4
+        restarted = fed.start_node(VICTIM, name=f"{VICTIM}-restarted")
+
+        try:
+            assert run.popen.wait(timeout=RUN_TIMEOUT) == 0, run.tail()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`flwr run` did not finish in {RUN_TIMEOUT:.0f}s\n{run.tail()}\n{restarted.tail()}")
+        eps_after, steps_after = _epsilon(fed.sites[VICTIM].state_dir, VICTIM)
+        participation = SiteStore(fed.sites[VICTIM].state_dir, VICTIM).read_json("participation")
+        node_view = fed.node_list()
+
+    history = read_progress(out)
+    context = f"history: {history}\nrun output:\n{run.tail(4000)}"
+    assert [r["round"] for r in history] == list(range(1, ROUNDS + 1)), context
+    # Rounds 2 and 3 completed with the other two sites; the silent one is counted as failed.
+    for row in history[1:3]:
+        assert row["replied"] == 2 and row["updated"], context
+        assert row["seconds"] < DEADLINE + 30, f"round {row['round']} outlasted its deadline: {context}"
+    assert history[1]["failed"] == 1, context
+    assert history[0]["replied"] == 3, context
+    # The restarted site took part again in a later round, its epsilon continuing from its ledger.
+    assert participation["last_round"] >= 4, participation
+    assert max(r["replied"] for r in history[3:]) == 3, context
+    assert steps_after > steps_before and eps_after > eps_before > 0, (eps_before, eps_after)
+    # The run learned.
+    assert history[-1]["central_accuracy"] > history[0]["central_accuracy"] + 0.1, context
+    # The rogue key was never a node of this federation.
+    assert len(node_view) == len(SITES), node_view

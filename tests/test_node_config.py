@@ -1,0 +1,148 @@
+"""``stamen node`` / ``stamen superlink`` refuse a bad site configuration with a clear error,
+and build the real Flower command lines from a good one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import ConfigError
+from simulations.node import NodeSettings, check, node_assignment, supernode_command
+from simulations.superlink import SuperLinkSettings, superlink_command
+
+TLS = Path(__file__).resolve().parents[1] / "deploy" / "tls"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A development CA and one node key, made by the deploy/tls scripts."""
+    root = tmp_path_factory.mktemp("pki")
+    subprocess.run(["bash", str(TLS / "make-dev-ca.sh"), str(root / "certs"), "DNS:superlink"], check=True)
+    subprocess.run(["bash", str(TLS / "make-node-key.sh"), "site-a", str(root / "keys")], check=True)
+    return root
+
+
+@pytest.fixture
+def site(tmp_path: Path, pki: Path) -> NodeSettings:
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "shard.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    key = tmp_path / "site-a.key"  # a copy: some tests change its mode
+    shutil.copy(pki / "keys" / "site-a.key", key)
+    key.chmod(0o600)
+    return NodeSettings(
+        site_id="site-a",
+        superlink="127.0.0.1:9092",
+        state_dir=state,
+        data_dir=data,
+        root_certificates=pki / "certs" / "ca.crt",
+        auth_key=key,
+    )
+
+
+def test_the_scripts_make_a_ca_a_server_cert_for_the_names_asked_and_private_keys(pki: Path) -> None:
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(pki / "certs" / "server.crt"), "-noout", "-ext", "subjectAltName"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text and "DNS:superlink" in text
+    verify = ["openssl", "verify", "-CAfile", str(pki / "certs" / "ca.crt"), str(pki / "certs" / "server.crt")]
+    subprocess.run(verify, check=True, capture_output=True)
+    for key in (pki / "certs" / "ca.key", pki / "certs" / "server.key", pki / "keys" / "site-a.key"):
+        assert key.stat().st_mode & 0o077 == 0, key
+    assert (pki / "keys" / "site-a.key.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    again = subprocess.run(["bash", str(TLS / "make-node-key.sh"), "site-a", str(pki / "keys")], capture_output=True)
+    assert again.returncode == 2 and b"exists" in again.stderr
+
+
+def test_a_good_site_gives_the_supernode_tls_its_key_and_its_node_config(site: NodeSettings) -> None:
+    cmd = supernode_command(check(site), site.state_dir / ".secret")
+    assert Path(cmd[0]).name == "flower-supernode"
+    assert cmd[cmd.index("--root-certificates") + 1] == str(site.root_certificates)
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(site.auth_key)
+    assert "--insecure" not in cmd
+    config = cmd[cmd.index("--node-config") + 1]
+    assert 'site-id="site-a"' in config and f'data-dir="{site.data_dir}"' in config
+    assert f'state-dir="{site.state_dir}"' in config
+    assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, p: setattr(s, "site_id", "bad id!"), "site-id"),
+        (lambda s, p: setattr(s, "superlink", "nohost"), "HOST:PORT"),
+        (lambda s, p: setattr(s, "data_dir", p / "missing"), "data directory"),
+        (lambda s, p: (setattr(s, "data_dir", None), setattr(s, "data", "npz:/no/such.npz")), "data file"),
+        (lambda s, p: setattr(s, "data", "npz:x.npz"), "exactly one of"),
+        (lambda s, p: setattr(s, "state_dir", p / "absent"), "does not exist"),
+        (lambda s, p: os.chmod(s.state_dir, 0o755), "accessible to others"),
+        (lambda s, p: os.chmod(s.auth_key, 0o644), "accessible to others"),
+        (
+            lambda s, p: (
+                p.joinpath("k").write_text("not a key"),
+                p.joinpath("k").chmod(0o600),
+                setattr(s, "auth_key", p / "k"),
+            ),
+            "OpenSSH private key",
+        ),
+        (lambda s, p: setattr(s, "root_certificates", s.auth_key), "no PEM certificate"),
+        (lambda s, p: setattr(s, "root_certificates", None), "--root-certificates"),
+        (lambda s, p: setattr(s, "insecure", True), "needs TLS"),
+        (lambda s, p: setattr(s, "epsilon_budget", -1.0), "epsilon-budget"),
+    ],
+)
+def test_a_bad_site_is_refused_with_the_problem_named(
+    site: NodeSettings, tmp_path: Path, change: Callable[[NodeSettings, Path], object], message: str
+) -> None:
+    change(site, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        check(site)
+
+
+def test_insecure_is_development_only_and_has_no_node_auth(site: NodeSettings) -> None:
+    site.insecure, site.root_certificates, site.auth_key = True, None, None
+    cmd = supernode_command(check(site), None)
+    assert "--insecure" in cmd and "--auth-supernode-private-key" not in cmd
+
+
+def test_extra_node_config_cannot_shadow_an_option() -> None:
+    assert node_assignment("dp-public-stats=true") == ("dp-public-stats", "true")
+    with pytest.raises(ConfigError, match="--state-dir"):
+        node_assignment("state-dir=/tmp")
+    with pytest.raises(ConfigError, match="key=value"):
+        node_assignment("Bad Key=1")
+
+
+def test_superlink_has_tls_node_auth_and_a_database_unless_told_otherwise(tmp_path: Path, pki: Path) -> None:
+    cmd = superlink_command(SuperLinkSettings(tmp_path / "link.db", pki / "certs"))
+    assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
+    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "link.db")
+    assert cmd[cmd.index("--ssl-certfile") + 1] == str(pki / "certs" / "server.crt")
+    with pytest.raises(ConfigError, match="--certificates"):
+        superlink_command(SuperLinkSettings(tmp_path / "link.db"))
+    with pytest.raises(ConfigError, match="needs TLS"):
+        superlink_command(SuperLinkSettings(tmp_path / "link.db", insecure=True))
+    assert "--insecure" in superlink_command(SuperLinkSettings(tmp_path / "db", insecure=True, node_auth=False))
+
+
+def test_stamen_node_cli_reports_a_bad_state_dir_in_one_line(site: NodeSettings) -> None:
+    os.chmod(site.state_dir, 0o755)
+    res = subprocess.run(
+        [sys.executable, "-m", "simulations", "node", "--site-id", "site-a", "--superlink", "127.0.0.1:9092",
+         "--state-dir", str(site.state_dir), "--data-dir", str(site.data_dir), "--root-certificates",
+         str(site.root_certificates), "--auth-key", str(site.auth_key), "--dry-run"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "state directory" in res.stderr and "chmod o-rwx" in res.stderr
+    assert "Traceback" not in res.stderr
