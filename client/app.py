@@ -18,14 +18,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.attack import attack_of, poison_data, poison_update
-from client.data import SiteData, load_site_data
-from client.dp import dp_schedule, train_private
+from client.dp import train_private
 from client.drift import site_drift
 from client.label_shift import apply_label_shift
-from client.ledger import OverBudget, PrivacyLedger, calibrate_noise
-from client.release import released_count
+from client.ledger import OverBudget, PrivacyLedger
+from client.pool import TrainingPool
+from client.replay import ReplayBuffer
 from client.resend import SentUpdates, update_digest
+from client.shard_privacy import ShardLedgers, plan_private_round, spent
+from client.sources import site_view
 from client.train import pick_device, round_seed, train_local
+from client.view import SiteView
 from common.config import KEY_BY_NAME, StamenConfig
 from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from common.errors import ConfigError, StamenError
@@ -74,8 +77,18 @@ class Instruction:
             return value.strip().lower() in ("1", "true", "yes")
         return bool(value)
 
-    def data(self) -> SiteData:
-        return load_site_data(self.node_config, self.cfg)
+    def view(self, *, ingest: bool = False) -> SiteView:
+        """This site's data in this round (:mod:`client.sources`); ``ingest`` takes in new shards."""
+        server_round = max(self.server_round, 1)  # the handshake (round 0) sees the first round's data
+        store = self.store() if "data-dir" in self.node_config else None  # the manifest lives there
+        return site_view(
+            self.node_config, self.cfg, server_round, store, self.input_shape, self.num_classes, ingest=ingest
+        )
+
+    def replay(self, store: SiteStore) -> ReplayBuffer | None:
+        """The site's replay buffer, or None when ``replay-size`` is 0."""
+        size = int(self.cfg["replay-size"])
+        return ReplayBuffer(store, size, derive_seeds(int(self.cfg["seed"]))["client"]) if size else None
 
     def store(self) -> SiteStore:
         """This site's state store: node config's ``state-dir``, else the run's (simulation)."""
@@ -112,7 +125,10 @@ def query(msg: Message, context: Context) -> Message:
     try:
         site_id = site_id_from_node_config(context.node_config)
         ins = Instruction(msg, context)
-        metrics = {"num-examples": ins.data().num_train} if not ins.cfg["dp"] or ins.public_stats else {}
+        num_train = ins.view().num_train
+        if num_train == 0:
+            return make_reply(msg, site_id, Status.NO_DATA, reason="no training data yet")
+        metrics = {"num-examples": num_train} if not ins.cfg["dp"] or ins.public_stats else {}
         return make_reply(msg, site_id, Status.OK, metrics=metrics)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
@@ -123,28 +139,45 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local SGD from the global model; reply with the local model."""
     try:
         ins = Instruction(msg, context)
-        data = apply_label_shift(ins.data(), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
-        data = poison_data(data, attack_of(ins.cfg, ins.node_config), ins.num_classes)
+        store = ins.store()
+        view = apply_label_shift(ins.view(ingest=True), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
+        view = poison_data(view, attack_of(ins.cfg, ins.node_config), ins.num_classes)
+        replay = ins.replay(store)
+        pool = TrainingPool.build(view, replay.replay(view) if replay else None)
+        if len(pool) == 0:
+            return make_reply(msg, ins.site_id, Status.NO_DATA, reason="no training data this round")
         model = ins.model()
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
-        store = ins.store()
         if ins.cfg["dp"]:
-            return _train_private(msg, ins, data, model, store, seed, device)
-        result = train_local(
-            model, data.x_train, data.y_train, ins.cfg, server_round=ins.server_round, seed=seed, device=device
-        )
-        _record_participation(store, ins, result.num_examples)
-        metrics = {**result.metrics(), **_drift(ins, data, store, seed, None)}
-        return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
+            reply = _train_private(msg, ins, view, pool, model, store, seed, device)
+        else:
+            result = train_local(
+                model, pool.x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device
+            )
+            _record_participation(store, ins, result.num_examples)
+            metrics = {**result.metrics(), **_drift(ins, view, store, seed, None)}
+            reply = make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
+        if replay is not None and _trained(reply):
+            replay.offer(view)
+            replay.save()
+        return reply
     except StamenError as exc:
         return _error_reply(msg, context, exc)
 
 
+def _trained(reply: Message) -> bool:
+    """Whether a train reply carries an update (the site trained this round)."""
+    return "arrays" in reply.content.array_records
+
+
 def _drift(
-    ins: Instruction, data: SiteData, store: SiteStore, seed: int, ledger: PrivacyLedger | None
+    ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger: PrivacyLedger | ShardLedgers | None
 ) -> dict[str, float]:
-    """This round's data-drift scores (a DP site's histograms are charged releases)."""
+    """This round's data-drift scores of the site's current data (a DP site's histograms are
+    charged releases); none when the site has no current data (it trains on replayed records only)."""
+    if data.num_train == 0:
+        return {}
     cfg = ins.cfg
     return site_drift(
         store,
@@ -184,59 +217,47 @@ def _record_participation(store: SiteStore, ins: Instruction, num_examples: int)
 def _train_private(
     msg: Message,
     ins: Instruction,
-    data: SiteData,
+    view: SiteView,
+    pool: TrainingPool,
     model: torch.nn.Module,
     store: SiteStore,
     seed: int,
     device: torch.device,
 ) -> Message:
-    """A DP-SGD round: refuse if it would overspend, else train and charge the ledger first.
+    """A DP-SGD round: refuse if it would overspend, else train and charge the ledger(s) first.
 
-    The ledger entry is written (atomically) before the reply is built, so a crash can
-    never under-count what was spent. A node's own ``epsilon-budget`` overrides the run's.
+    Which ledgers a round charges, and which data it may use, is the privacy policy's
+    (:mod:`client.shard_privacy`). Statistics are released (and charged) before the round
+    is planned, so the plan sees everything already spent. Ledger entries are written
+    (atomically) before the reply is built, so a crash can never under-count what was
+    spent. A node's own ``epsilon-budget`` overrides the run's.
     """
     cfg = ins.cfg
-    delta, accountant = float(cfg["delta"]), str(cfg["accountant"])
     budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
-    ledger = PrivacyLedger.load(store, accountant)
     try:
-        count = released_count(
-            store,
-            ledger,
-            data.y_train,
-            noise_multiplier=float(cfg["dp-stats-noise"]),
-            seed=seed,
-            budget=budget,
-            delta=delta,
-        )
-        drift = _drift(ins, data, store, seed, ledger)
+        drift = _drift(ins, view, store, seed, _statistics_ledger(store, cfg, view))
     except OverBudget as exc:
-        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
-    rate, steps = dp_schedule(count, cfg)
-    sigma = float(cfg["noise-multiplier"]) or calibrate_noise(
-        float(cfg["target-epsilon"]),
-        delta,
-        rate,
-        steps,
-        int(cfg["privacy-horizon-rounds"]),
-        accountant,
-        ledger.releases,
-    )
-    reason = ledger.refusal(sigma, rate, steps, delta, budget)
-    if reason:
-        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=reason)
+        if cfg["privacy-policy"] == "refuse":
+            return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
+        log.info("site %s: no drift scores this round (a shard cannot pay for them): %s", ins.site_id, exc)
+        drift = {}
+    plan = plan_private_round(pool, store, cfg, budget, seed)
+    if isinstance(plan, str):
+        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=plan)
+    if plan.excluded:
+        log.info("site %s: shards out of budget left out: %s", ins.site_id, ", ".join(sorted(plan.excluded)))
     result = train_private(
         model,
-        data.x_train,
-        data.y_train,
+        plan.pool.x,
+        plan.pool.y,
         cfg,
         server_round=ins.server_round,
         seed=seed,
         device=device,
-        noise_multiplier=sigma,
+        noise_multiplier=plan.noise_multiplier,
         max_grad_norm=float(cfg["max-grad-norm"]),
-        planned_examples=count,
-        accountant_name=accountant,
+        planned_examples=plan.count,
+        accountant_name=str(cfg["accountant"]),
     )
     # A redone round (the server resumed from an older checkpoint) re-sends the identical
     # update: already charged, so not charged again (client/resend.py). Charge, then record.
@@ -245,15 +266,16 @@ def _train_private(
     if digest in sent:
         log.info("site %s round %d: identical update already sent and charged", ins.site_id, ins.server_round)
     else:
-        result.commit(ledger)
+        plan.commit(result)
         sent.add(digest)
     _record_participation(store, ins, result.num_examples)
+    epsilon, ledger = spent(store, cfg)
     metrics = {
         **result.metrics(),
         **drift,
-        "num-examples": count,
-        "epsilon": ledger.epsilon(delta),
-        "noise-multiplier": sigma,
+        "num-examples": plan.count,
+        "epsilon": epsilon,
+        "noise-multiplier": plan.noise_multiplier,
         "sample-rate": result.sample_rate,
         "ledger-steps": ledger.steps,
         "ledger-rounds": ledger.rounds,
@@ -262,6 +284,14 @@ def _train_private(
     if not ins.public_stats:
         del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
+
+
+def _statistics_ledger(store: SiteStore, cfg: StamenConfig, view: SiteView) -> PrivacyLedger | ShardLedgers:
+    """Who pays for releasing statistics of the current data: the site's ledger, or every shard in it."""
+    accountant = str(cfg["accountant"])
+    if cfg["privacy-policy"] == "refuse":
+        return PrivacyLedger.load(store, accountant)
+    return ShardLedgers.load(store, accountant, view.shard_names)
 
 
 @app.evaluate()
@@ -274,9 +304,11 @@ def evaluate(msg: Message, context: Context) -> Message:
                 "evaluation statistics of a DP site are not noised: it takes part in federated evaluation "
                 "only with dp-public-stats = true"
             )
-        data = ins.data()
-        if data.num_holdout == 0:
+        if float(ins.cfg["holdout-fraction"]) == 0:
             raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")
+        data = ins.view()
+        if data.num_holdout == 0:
+            return make_reply(msg, ins.site_id, Status.NO_DATA, reason="no held-out data this round")
         loss, acc = evaluate_model(ins.model(), data.x_holdout, data.y_holdout, pick_device(str(ins.cfg["device"])))
         return make_reply(
             msg,

@@ -10,7 +10,7 @@ round and must not reload or re-partition each time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -41,13 +41,17 @@ class SiteData:
     def num_holdout(self) -> int:
         return int(self.y_holdout.shape[0])
 
+    def select_train(self, keep: torch.Tensor) -> SiteData:
+        """This data with only the training rows where ``keep`` (a boolean mask) is true."""
+        return replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep])
+
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.array(x, dtype=np.float32)), torch.from_numpy(np.array(y, dtype=np.int64))
 
 
 @lru_cache(maxsize=4096)
-def _simulated_site(
+def _simulated_split(
     dataset: str,
     partition_id: int,
     num_partitions: int,
@@ -57,7 +61,7 @@ def _simulated_site(
     min_size: int,
     holdout: float,
     seed: int,
-) -> SiteData:
+) -> tuple[np.ndarray, np.ndarray]:
     data = load_dataset(dataset)
     parts = partition_indices(
         data.y_train,
@@ -68,10 +72,35 @@ def _simulated_site(
         min_partition_size=min_size,
         seed=seed,
     )
-    train_idx, hold_idx = split_holdout(parts[partition_id], holdout, seed + partition_id)
+    return split_holdout(parts[partition_id], holdout, seed + partition_id)
+
+
+@lru_cache(maxsize=4096)
+def _simulated_site(dataset: str, *split_args: Any) -> SiteData:
+    data = load_dataset(dataset)
+    train_idx, hold_idx = _simulated_split(dataset, *split_args)
     x_tr, y_tr = _tensors(data.x_train[train_idx], data.y_train[train_idx])
     x_ho, y_ho = _tensors(data.x_train[hold_idx], data.y_train[hold_idx])
     return SiteData(x_tr, y_tr, x_ho, y_ho)
+
+
+def _split_args(node_config: Mapping[str, Any], cfg: StamenConfig) -> tuple[Any, ...]:
+    """The partitioning arguments after the dataset name, as plain (hashable) values."""
+    return (
+        int(node_config["partition-id"]),
+        int(node_config["num-partitions"]),
+        str(cfg["partition"]),
+        float(cfg["alpha"]),
+        int(cfg["shards-per-site"]),
+        int(cfg["min-partition-size"]),
+        float(cfg["holdout-fraction"]),
+        derive_seeds(int(cfg["seed"]))["partition"],
+    )
+
+
+def simulated_split(node_config: Mapping[str, Any], cfg: StamenConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A simulated site's (train, holdout) row indices into the run dataset's training split."""
+    return _simulated_split(str(cfg["dataset"]), *_split_args(node_config, cfg))
 
 
 @lru_cache(maxsize=4)
@@ -93,15 +122,5 @@ def load_site_data(node_config: Mapping[str, Any], cfg: StamenConfig) -> SiteDat
     if "data" in node_config:
         return _node_site(str(node_config["data"]), float(cfg["holdout-fraction"]), seed)
     if "partition-id" in node_config and "num-partitions" in node_config:
-        return _simulated_site(
-            str(cfg["dataset"]),
-            int(node_config["partition-id"]),
-            int(node_config["num-partitions"]),
-            str(cfg["partition"]),
-            float(cfg["alpha"]),
-            int(cfg["shards-per-site"]),
-            int(cfg["min-partition-size"]),
-            float(cfg["holdout-fraction"]),
-            seed,
-        )
+        return _simulated_site(str(cfg["dataset"]), *_split_args(node_config, cfg))
     raise ConfigError('node config names no data: set data = "npz:PATH" or "csv:PATH" for this node')

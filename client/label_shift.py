@@ -9,8 +9,6 @@ Richer scenarios (covariate shift, concept drift, streams) are the scenario file
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from client.data import SiteData
 from common.config import StamenConfig
 from common.errors import ConfigError
@@ -24,11 +22,11 @@ def shifted_sites(cfg: StamenConfig) -> set[str]:
 def apply_label_shift(data: SiteData, cfg: StamenConfig, site_id: str, server_round: int, num_classes: int) -> SiteData:
     """``data`` as this site trains on it this round (unchanged unless the shift applies)."""
     start = int(cfg["label-shift-round"])
-    if not start or server_round < start or site_id not in shifted_sites(cfg):
+    if not start or server_round < start or site_id not in shifted_sites(cfg) or data.num_train == 0:
         return data
     keep = data.y_train < num_classes // 2
     if not bool(keep.any()):
         raise ConfigError(
             f"label shift on {site_id}: the site has no records with labels < {num_classes // 2}, nothing to train on"
         )
-    return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+    return data.select_train(keep)

@@ -85,21 +85,24 @@ class PrivacyLedger:
         history: tuple[Entry, ...],
         rounds: int,
         releases: tuple[float, ...] = (),
+        name: str = LEDGER_ENTRY,
     ) -> None:
         self._store = store
         self._accountant = accountant
         self._history = history
         self._rounds = rounds
         self._releases = releases
+        self._name = name
 
     @classmethod
-    def load(cls, store: SiteStore, accountant: str = "rdp") -> PrivacyLedger:
-        """The site's ledger; empty only if the site never recorded a DP round."""
+    def load(cls, store: SiteStore, accountant: str = "rdp", name: str = LEDGER_ENTRY) -> PrivacyLedger:
+        """The site's ledger (or, with ``name``, another one it keeps, e.g. a data shard's); empty
+        only if it never recorded a DP round."""
         check_accountant(accountant)
-        doc = store.read_json(LEDGER_ENTRY)
+        doc = store.read_json(name)
         if doc is None:
-            return cls(store, accountant, (), 0)
-        where = store.dir / f"{LEDGER_ENTRY}.json"
+            return cls(store, accountant, (), 0, (), name)
+        where = store.dir / f"{name}.json"
         try:
             stored = str(doc["accountant"])
             history = tuple(_parse_entry(e) for e in doc["history"])
@@ -112,7 +115,7 @@ class PrivacyLedger:
                 f"privacy ledger {where} was kept with the {stored!r} accountant, this run asks for "
                 f"{accountant!r}; the spent budget cannot be carried over, so set accountant={stored!r}"
             )
-        return cls(store, accountant, history, rounds, releases)
+        return cls(store, accountant, history, rounds, releases, name)
 
     @property
     def accountant(self) -> str:
@@ -185,7 +188,7 @@ class PrivacyLedger:
 
     def _write(self, history: tuple[Entry, ...], rounds: int, releases: tuple[float, ...]) -> None:
         self._store.write_json(
-            LEDGER_ENTRY,
+            self._name,
             {
                 "accountant": self._accountant,
                 "history": [list(e) for e in history],

@@ -90,11 +90,12 @@ def released_count(
     seed: int,
     budget: float = math.inf,
     delta: float = 1e-5,
+    key: str = "num-examples",
 ) -> int:
-    """The site's training-set size as it may leave the site (at least 1)."""
+    """The site's training-set size as it may leave the site (at least 1); ``key`` names it in the cache."""
     value = released(
         store,
-        key="num-examples",
+        key=key,
         fingerprint=fingerprint(y),
         exact=np.array([len(y)]),
         l2_sensitivity=1.0,

@@ -3,7 +3,7 @@
 A reply's ``RecordDict`` holds three records:
 
 - ``meta`` (ConfigRecord): ``schema`` (this module's version), ``status`` (a
-  :class:`Status`), ``site-id`` and, for refusals and errors, a ``reason``;
+  :class:`Status`), ``site-id`` and, for refusals, idle sites and errors, a ``reason``;
 - ``arrays`` (ArrayRecord, train replies with status ``ok`` only): the model, keyed by
   canonical parameter names (never Opacus's ``_module.`` prefix);
 - ``metrics`` (MetricRecord): the required keys of the message kind, and optional keys;
@@ -36,6 +36,9 @@ class Status(StrEnum):
 
     OK = "ok"
     REFUSED_BUDGET = "refused_budget"
+    # The site holds no data for this message (a quiet or not yet joined site, every shard
+    # quarantined): nothing to train on or evaluate. Counted as idle, never an error.
+    NO_DATA = "no_data"
     ERROR = "error"
 
 
@@ -187,14 +190,14 @@ def screen_reply(
 
     ``expected_site`` is the site-id the server addressed (None during the identity
     handshake); ``reference`` is the global model the update must match (train only).
-    Refusals pass screening: they are counted, not rejected.
+    Refusals and idle sites (no data) pass screening: they are counted, not rejected.
     """
     site_id, status, reason = _meta(msg)
     if expected_site is not None and site_id != expected_site:
         raise RejectedReply("site", f"reply claims site {site_id!r}, sent to {expected_site!r}", site_id)
     if status is Status.ERROR:
         raise RejectedReply("client_error", reason or "site reported an error", site_id)
-    if status is Status.REFUSED_BUDGET:
+    if status in (Status.REFUSED_BUDGET, Status.NO_DATA):
         return SiteReply(site_id, status, reason=reason)
     metrics = _metrics(msg, kind, site_id)
     if kind == "train":

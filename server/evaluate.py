@@ -52,3 +52,21 @@ def evaluate_centrally(model: torch.nn.Module, data: ServerData) -> tuple[float,
     if data.x_test is None or data.y_test is None:
         return None
     return evaluate_model(model, data.x_test, data.y_test, torch.device("cpu"))
+
+
+def evaluate_tasks(model: torch.nn.Module, data: ServerData, tasks: tuple[tuple[int, ...], ...]) -> list[float] | None:
+    """Accuracy on each task's classes of the server's test split (None without one).
+
+    The model predicts over every class (class-incremental): a task's accuracy is the share
+    of its test examples whose argmax over all outputs is right.
+    """
+    if data.x_test is None or data.y_test is None:
+        return None
+    out = []
+    for classes in tasks:
+        mask = torch.isin(data.y_test, torch.tensor(classes, dtype=data.y_test.dtype))
+        if not bool(mask.any()):
+            raise ConfigError(f"the server's test split has no example of task classes {list(classes)}")
+        _, acc = evaluate_model(model, data.x_test[mask], data.y_test[mask], torch.device("cpu"))
+        out.append(acc)
+    return out

@@ -39,6 +39,7 @@ from common.instruction import schema_header
 from common.models import build_model, resolve_model_name
 from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, screen_reply
 from common.runrecord import build_run_record, derive_seeds, write_run_record
+from common.scenario import scenario_of
 from server.continual import Best, ContinualRun
 from server.dp_fedavg import DPFedAvg
 from server.evaluate import evaluate_centrally, load_server_data
@@ -49,6 +50,7 @@ from server.sites import SiteDirectory
 from server.stop import stop_reason, stop_requested
 from server.strategy.base import ServerOptimizer
 from server.strategy.factory import make_server_optimizer
+from server.tasks import TaskTracker
 from server.trust import TrustPolicy
 
 log = logging.getLogger("stamen.server")
@@ -68,6 +70,7 @@ class Screened:
 
     good: list[SiteReply] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    idle: list[str] = field(default_factory=list)  # sites with no data for this message
     rejected: Counter[str] = field(default_factory=Counter)
     missing: int = 0
 
@@ -100,6 +103,8 @@ def screen_round(
             continue
         if reply.status is Status.REFUSED_BUDGET:
             out.refused.append(reply.site_id)
+        elif reply.status is Status.NO_DATA:
+            out.idle.append(reply.site_id)
         else:
             out.good.append(reply)
     out.missing = len(addressed) - len(seen)
@@ -197,10 +202,16 @@ class Federation(ContinualRun):
             poll=float(cfg["reply-poll-interval"]),
         )
         self.best = Best()
+        self.scenario = scenario_of(cfg)
+        if self.scenario is not None:
+            self.scenario.check_against(self.data.num_classes, self.data.input_shape)
+        self.tasks = TaskTracker(self.scenario, self.data) if self.scenario and self.scenario.tasks else None
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
         self.observer = RoundObserver(cfg)
         self._init_continual()
+        if self.tasks is not None:
+            self.tasks.resume(self.outputs.history)
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
@@ -268,12 +279,13 @@ class Federation(ContinualRun):
             "sampled": len(sites),
             "replied": len(screened.good),
             "refused": len(screened.refused),
+            "idle": len(screened.idle),
             "failed": screened.missing,
             "rejected": sum(screened.rejected.values()),
         }
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
-        self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "failed")})
+        self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "idle", "failed")})
         row.update(self.observer.replies(server_round, screened.good, screened.rejected))
         for reply in screened.good:
             if "epsilon" in reply.metrics:
@@ -345,7 +357,7 @@ class Federation(ContinualRun):
             elif row["rejected"] + row["failed"] + row.get("skipped", 0) > 0:
                 self.empty += 1
             else:
-                log.warning("round %d: every sampled site refused for its privacy budget", server_round)
+                log.warning("round %d: every sampled site refused for its privacy budget or had no data", server_round)
             if self.empty >= int(self.cfg["max-empty-rounds"]):
                 raise RunFailed(
                     f"{self.empty} rounds in a row without {self.cfg['min-train-sites']} usable replies "
@@ -357,6 +369,8 @@ class Federation(ContinualRun):
             central = evaluate_centrally(self.model, self.data)
             if central is not None:
                 row["central_loss"], row["central_accuracy"] = central
+            if self.tasks is not None:
+                row.update(self.tasks.observe(server_round, self.model))
             row["loss"] = row.get("central_loss", row.get("fed_loss", math.nan))
             row["accuracy"] = row.get("central_accuracy", row.get("fed_accuracy", math.nan))
             row["seconds"] = time.monotonic() - t0
@@ -424,6 +438,10 @@ class Federation(ContinualRun):
             "model": self.model_name,
             "drift": self.observer.finish(),
         }
+        if self.scenario is not None:
+            summary["scenario"] = self.scenario.name
+        if self.tasks is not None:
+            summary["tasks"] = self.tasks.summary()
         if self.cfg["dp"]:
             eps = [p["epsilon"] for p in self.privacy.values()]
             summary["privacy"] = {

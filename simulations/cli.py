@@ -38,11 +38,15 @@ def preflight(cfg: StamenConfig, clients: int) -> None:
     from common.datasets import load_dataset
     from common.partition import partition_indices
     from common.runrecord import derive_seeds
+    from common.scenario import scenario_of
     from server.evaluate import load_server_data
 
     if clients < 1:
         raise StamenError(f"--clients must be >= 1, got {clients}")
     data = load_dataset(str(cfg["dataset"]))
+    scenario = scenario_of(cfg)
+    if scenario is not None:
+        scenario.check_against(data.num_classes, data.input_shape, clients)
     partition_indices(
         data.y_train,
         clients,
@@ -67,6 +71,18 @@ def check_metrics_address(cfg: StamenConfig) -> None:
             pass
     except OSError as exc:
         raise StamenError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def with_scenario_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` on top of its scenario's ``run-config``, the scenario given as a bundled name or an absolute path."""
+    from common.scenario import BUNDLED_DIR, load_scenario, resolve_path
+
+    spec = str(raw.get("scenario", "")).strip()
+    if not spec:
+        return raw
+    scenario = load_scenario(spec)
+    path = resolve_path(spec)
+    return {**scenario.run_config, **raw, "scenario": path.stem if path.parent == BUNDLED_DIR else str(path)}
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -183,6 +199,17 @@ def run_simulation_process(
             _stop_group(proc)
 
 
+def run_simulate_command(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``stamen simulate ARGS --out OUT`` in a child process, exactly as a user runs it (benchmarks, tests)."""
+    command = [sys.executable, "-m", "simulations", "simulate", *args, "--out", str(out), "--no-progress"]
+    return subprocess.run(
+        [*command, "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
+
+
 def default_out_dir() -> Path:
     """``runs/<UTC timestamp>``."""
     return Path("runs", datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
@@ -216,6 +243,9 @@ def simulate(
     epsilon_budget: Annotated[float | None, typer.Option(help="per-site budget (0 = target)")] = None,
     accountant: Annotated[str | None, typer.Option(help="rdp | prv")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port (0 = off)")] = None,
+    scenario: Annotated[
+        str | None, typer.Option(help="scenario: a bundled name (simulations/scenarios/) or a YAML file")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="any run-config key=value; repeatable")] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the simulation is stopped")] = 3600.0,
@@ -260,12 +290,15 @@ def simulate(
     }
     raw: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     raw.update(parse_assignment(item) for item in set_ or [])
+    if scenario is not None:
+        raw["scenario"] = scenario
     if resume is not None:
         if out is not None and out.expanduser().resolve() != resume.expanduser().resolve():
             raise StamenError("--resume continues the run in its own directory; leave out --out")
         out_dir, cfg, clients = resumed_config(resume, raw, clients)
     else:
         out_dir = (out or default_out_dir()).expanduser().resolve()
+        raw = with_scenario_defaults(raw)
         raw["out-dir"] = str(out_dir)
         cfg = StamenConfig.from_mapping(raw)
         clients = 10 if clients is None else clients
@@ -304,6 +337,8 @@ def simulate(
     final = summary["final"]
     privacy = summary.get("privacy")
     spent = f", epsilon max {privacy['epsilon_max']:.2f} (delta {privacy['delta']:g})" if privacy else ""
+    if summary.get("tasks"):
+        spent += f", mean forgetting {summary['tasks']['forgetting_mean']:.3f}"
     typer.echo(
         f"stamen: {summary['rounds_completed']} rounds, final accuracy {final['accuracy']:.4f} "
         f"(loss {final['loss']:.4f}, {final['source']}){spent}, model version {summary['version']}, "

@@ -4,7 +4,6 @@ helper that runs ``stamen simulate`` in a real process."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+
+from simulations.cli import run_simulate_command
 
 
 @pytest.fixture
@@ -38,23 +39,7 @@ def instruction(serverapp_identity: None) -> Callable[..., Message]:
 
 def run_stamen_simulate(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``stamen simulate ARGS --out OUT`` as a user runs it (a real process); asserts exit 0."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations",
-            "simulate",
-            *args,
-            "--out",
-            str(out),
-            "--no-progress",
-            "--timeout",
-            str(timeout),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout + 60,
-    )
+    result = run_simulate_command(out, *args, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

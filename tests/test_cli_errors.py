@@ -91,3 +91,30 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
     assert code == 2
     assert "not empty" in output
     assert (run / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("text", "extra", "expected"),
+    [
+        ("events: [{kind: join, sites: [0], from-round: soon}]", [], "events[0].from-round must be an integer >= 1"),
+        ("events: [{kind: join, sites: [5], from-round: 2}]", ["--clients", "3"], "names site 5, but the simulation"),
+        ("tasks: {rounds-per-task: 2, classes: [[0, 11]]}", [], "classes [11] do not exist"),
+        ("tasks: [oops", [], "not readable YAML"),
+    ],
+    ids=["bad-field", "absent-site", "absent-class", "not-yaml"],
+)
+def test_a_bad_scenario_is_refused_before_the_engine_starts(
+    tmp_path: Path, text: str, extra: list[str], expected: str
+) -> None:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(text + "\n")
+    code, output = _simulate(tmp_path, "--dataset", "digits", "--scenario", str(path), *extra)
+    assert code == 2, output
+    assert "scenario" in output and expected in " ".join(output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_scenario_name_lists_the_bundled_ones(tmp_path: Path) -> None:
+    code, output = _simulate(tmp_path, "--scenario", "split-fashion")
+    assert code == 2
+    assert "split-fashion" in output and "split-mnist" in output

@@ -140,6 +140,20 @@ def test_refusal_passes_screening_with_its_reason(instruction: MakeInstruction) 
     assert (reply.status, reply.reason, reply.content) == (Status.REFUSED_BUDGET, "epsilon spent", None)
 
 
+def test_a_site_without_data_is_idle_neither_refused_nor_rejected(instruction: MakeInstruction) -> None:
+    replies = [
+        make_reply(instruction(11), "site-a", Status.NO_DATA, reason="no training data this round"),
+        train_reply(instruction(12), "site-b", update(1)),
+        make_reply(instruction(13), "site-c", Status.REFUSED_BUDGET, reason="spent"),
+    ]
+    screened = screen_round(replies, {11: "site-a", 12: "site-b", 13: "site-c"}, "train", REFERENCE)
+    assert screened.idle == ["site-a"] and screened.refused == ["site-c"]
+    assert [r.site_id for r in screened.good] == ["site-b"] and not screened.rejected and screened.missing == 0
+    for kind in ("query", "evaluate"):
+        reply = screen_reply(make_reply(instruction(), "site-a", Status.NO_DATA), kind, expected_site=None)
+        assert reply.status is Status.NO_DATA and reply.metrics == {}
+
+
 def _with_array(key: str, value: np.ndarray) -> Arrays:
     """A good update with one array replaced."""
     arrays = update(0)

@@ -27,13 +27,14 @@ from simulations.bench.machine import LoadSampler, machine_info
 from simulations.bench.report import markdown
 from simulations.bench.runs import ABORT
 
-#: name -> module. Drift, deployed-round and continual scenarios join here as those features land.
+#: name -> module. Drift and deployed-round scenarios join here as those features land.
 SCENARIOS: dict[str, str] = {
     "overhead": "simulations.bench.overhead",
     "dp-cost": "simulations.bench.dp_cost",
     "fedavgm": "simulations.bench.fedavgm",
     "privacy-utility": "simulations.bench.privacy_utility",
     "scale": "simulations.bench.scale",
+    "continual": "simulations.bench.continual",
     "robustness": "simulations.bench.robustness",
 }
 
