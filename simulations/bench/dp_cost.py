@@ -88,8 +88,8 @@ def _args(case: Case, batch: int, dp: bool, rounds: int) -> list[str]:
     return [*args, "--no-dp"]
 
 
-def _timed(ctx: Context, case: Case, batch: int, dp: bool, rounds: int) -> Run:
-    name = f"{case.model}-b{batch}-{'dp' if dp else 'nodp'}"
+def _timed(ctx: Context, case: Case, batch: int, dp: bool, rounds: int, tag: str = "") -> Run:
+    name = f"{tag}{case.model}-b{batch}-{'dp' if dp else 'nodp'}"
     run = stamen_simulate(ctx.run_dir(name), _args(case, batch, dp, rounds))
     if len(run.rows) != rounds or any(int(r["replied"]) != CLIENTS for r in run.rows):
         raise BenchError(f"{name}: expected {rounds} rounds with {CLIENTS} replies, got {run.rows}")
@@ -175,7 +175,10 @@ def run(ctx: Context) -> Result:
     cases, batches = (QUICK_CASES, QUICK_BATCHES) if ctx.quick else (FULL_CASES, FULL_BATCHES)
     rounds = 2 if ctx.quick else 3
     ctx.echo(f"  baseline rounds (training negligible): {BASELINE.model}, 1 epoch, batch 128, no DP and DP")
-    base_runs = {"nodp": _timed(ctx, BASELINE, 128, False, rounds), "dp": _timed(ctx, BASELINE, 128, True, rounds)}
+    base_runs = {
+        "nodp": _timed(ctx, BASELINE, 128, False, rounds, "baseline-"),
+        "dp": _timed(ctx, BASELINE, 128, True, rounds, "baseline-"),
+    }
     base = {k: r.steady_round_s for k, r in base_runs.items()}
     base_cpu = {k: r.steady_cpu_per_round_s for k, r in base_runs.items()}
     rows: list[dict[str, Any]] = []

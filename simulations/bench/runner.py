@@ -88,7 +88,10 @@ class Context:
 
     def run_dir(self, name: str) -> Path:
         """A fresh directory path for one run of this scenario (not created)."""
-        return self.work / name
+        path = self.work / name
+        if path.exists():
+            raise StamenError(f"scenario {self.name} asked twice for run directory {name!r} (a naming bug)")
+        return path
 
     def plot_path(self, suffix: str = "") -> Path:
         return self.out / f"{self.name}{'-' + suffix if suffix else ''}.png"
