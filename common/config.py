@@ -173,7 +173,7 @@ KEYS: tuple[Key, ...] = (
     Key("input-shape", str, "", "model input shape, e.g. '1,28,28' ('' = from the server's dataset)"),
     Key("num-classes", int, 0, "model output classes (0 = from the server's dataset)", lambda v: v >= 0, ">= 0"),
     # --- model --------------------------------------------------------------------
-    Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn28-tanh | cnn8 | package.module:Class"),
+    Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn28-tanh | cnn8 | scatnet28 | package.module:Class"),
     # --- local training (client) ------------------------------------------------------
     Key("optimizer", str, "sgd", "local optimizer", *_choice("sgd", "adamw")),
     Key("lr", float, 0.05, "peak local learning rate", _pos, "> 0"),

@@ -244,3 +244,21 @@ def test_server_and_sites_build_the_same_fixed_model(monkeypatch: pytest.MonkeyP
     assert list(model_to_arrays(server)) == list(model_to_arrays(site))
     assert any(isinstance(m, nn.GroupNorm) for m in site.modules())
     assert build_model("bnnet", (1, 8, 8), 4).state_dict().keys() != server.state_dict().keys()
+
+
+def test_scatnet28_trains_under_dp_and_sends_only_its_trainable_layers() -> None:
+    """The DP demo's model: its fixed scattering filters never leave the site nor change."""
+    model = build_model("scatnet28", (1, 8, 8), 4, seed=0, dp=True)
+    keys = list(model.state_dict())
+    assert keys == ["norm.weight", "norm.bias", "classifier.weight", "classifier.bias"]
+    filters = {k: v.clone() for k, v in model.scattering.named_buffers()}
+    assert filters  # the transform's filters are buffers, just not persistent ones
+    other = build_model("scatnet28", (1, 8, 8), 4, seed=1, dp=True)
+    assert all(torch.equal(filters[k], v) for k, v in other.scattering.named_buffers())
+    before = model_to_arrays(model)
+    _train(model, _cfg())
+    after = model_to_arrays(model)
+    assert list(after) == keys and all((after[k] != before[k]).any() for k in keys)
+    assert all(torch.equal(filters[k], v) for k, v in model.scattering.named_buffers())
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        build_model("scatnet28", (1, 10, 10), 4)
