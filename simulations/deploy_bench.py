@@ -98,7 +98,8 @@ def _compute(logs: list[str], pattern: re.Pattern[str], column: int) -> list[flo
 def run(args: argparse.Namespace) -> dict[str, object]:
     root = Path(tempfile.mkdtemp(prefix="stamen-deploy-bench-"))
     out = root / "run"
-    with Loopback(root / "fed", executor=args.executor) as fed:
+    # the quickstart app reads the npz file its node config names; stamen sites watch their data directory
+    with Loopback(root / "fed", executor=args.executor, watched=args.app != "quickstart") as fed:
         fed.start_superlink()
         for i, (x, y) in enumerate(_shards(args.sites)):
             fed.add_site(f"site-{i}", x, y)
