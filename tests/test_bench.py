@@ -171,7 +171,7 @@ def _numbers(obj: Any) -> list[float]:
     return []
 
 
-QUICK_SUBSET = ["fedavgm", "scale"]
+QUICK_SUBSET = ["fedavgm", "scale", "drift"]
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from typing import Any
 
 from common.drift import PSI_ALERT
 from common.identity import site_id_from_node_config
+from simulations.bench.plots import curves
 from simulations.bench.runner import Context, Goal, Result
 from simulations.bench.runs import BenchError, Run, run_all, stamen_simulate
 
@@ -121,6 +122,18 @@ def score(case: Case, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def shifted_series(case: Case, summary: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Per round, the largest data-drift score among the case's shifted sites (for the plot)."""
+    shifted = {_site(p) for p in case.shifted}
+    best: dict[int, float] = {}
+    for site, series in summary["drift"]["per_site"].items():
+        if site in shifted and case.signal in series:
+            for r, v in zip(series["round"], series[case.signal], strict=True):
+                best[r] = max(best.get(r, 0.0), v)
+    rounds = sorted(best)
+    return [float(r) for r in rounds], [best[r] for r in rounds]
+
+
 def _case_run(ctx: Context, plan: Plan, case: Case) -> Run:
     args = ["--scenario", case.scenario, "--clients", str(plan.clients), "--dataset", plan.dataset]
     args += ["--rounds", str(case.rounds), "--no-dp", "--set", "drift-reference-rounds=2"]
@@ -146,9 +159,23 @@ def run(ctx: Context) -> Result:
     jobs += [partial(_cosine_run, ctx, plan, alpha) for alpha in plan.cosine_alphas]
     ctx.echo(f"  {len(jobs)} runs of {plan.clients} sites on {plan.dataset}, {plan.parallel} at a time")
     runs = run_all(jobs, plan.parallel)
-    cases = [score(case, _complete(r, case.rounds)) for case, r in zip(plan.cases, runs, strict=True)]
+    case_runs, cosine_runs = runs[: len(plan.cases)], runs[len(plan.cases) :]
+    summaries = [_complete(r, case.rounds) for case, r in zip(plan.cases, case_runs, strict=True)]
+    cases = [score(case, summary) for case, summary in zip(plan.cases, summaries, strict=True)]
+    plot = curves(
+        ctx.plot_path(),
+        f"largest PSI among the shifted sites per round (dotted: the {PSI_ALERT} alert line)",
+        {
+            f"{c.scenario} ({c.signal}, from round {c.from_round})": shifted_series(c, summary)
+            for c, summary in zip(plan.cases, summaries, strict=True)
+            if c.signal != "concept"
+        },
+        "round",
+        "PSI",
+        hline=PSI_ALERT,
+    )
     cosine: dict[str, float] = {}
-    for alpha, r in zip(plan.cosine_alphas, runs[len(plan.cases) :], strict=True):
+    for alpha, r in zip(plan.cosine_alphas, cosine_runs, strict=True):
         rows = [row for row in _complete(r, plan.cosine_rounds)["history"] if row["round"] >= 3]
         cosine[f"{alpha:g}"] = statistics.mean(row["cosine_mean"] for row in rows)
     skewed, iid = (cosine[f"{a:g}"] for a in plan.cosine_alphas)
@@ -168,4 +195,5 @@ def run(ctx: Context) -> Result:
         params={**asdict(plan), "psi_alert": PSI_ALERT},
         figures={"cases": cases, "cosine_mean": cosine},
         goals=goals,
+        plots=[plot],
     )
