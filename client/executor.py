@@ -34,17 +34,29 @@ from importlib.metadata import version
 import httpx
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("stamen.node")
 
@@ -54,6 +66,35 @@ FAB_ID = "stamen/stamen"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 #: How long one task keeps retrying its calls to the SuperNode: a dead SuperNode ends the task, not the daemon.
 TASK_RETRY_SECONDS = 20.0
+#: First and longest wait before asking again for an object the SuperNode is still downloading.
+OBJECT_RETRY_SECONDS = (0.02, 0.5)
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run]:
+    """The task's message, context and run, as Flower's ``pull_task_input`` fetches them.
+
+    Written here for one reason: the SuperNode offers the task before it has downloaded
+    the message's objects from the SuperLink, and Flower's helper waits a full second
+    (its initial back-off) after the first object that is not there yet, on every round.
+    This one asks again after 20 ms, doubling to at most 0.5 s.
+    """
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context, run = context_from_proto(res.context), run_from_proto(res.run)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode offered a task without a message")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=OBJECT_RETRY_SECONDS[0],
+        backoff_cap=OBJECT_RETRY_SECONDS[1],
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its own id
+    return message, context, run
 
 
 @dataclass
@@ -122,7 +163,7 @@ class WarmExecutor:
         context: Context | None = None
         status, detail, kind, waited, group = SubStatus.FAILED, "task failed before its message was read", "?", 0.0, "-"
         try:
-            message, context, run, _ = pull_task_input(client)
+            message, context, run = pull_task_input(client)
             marks.append(time.monotonic())
             kind, group = message.metadata.message_type, message.metadata.group_id or "-"
             # Server creates the instruction -> this executor claims it: the server's upload, the SuperLink

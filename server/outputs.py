@@ -56,7 +56,8 @@ class RunOutputs:
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows(self.history)
-        atomic_write_bytes(self.dir / "history.csv", buf.getvalue().encode(), mode=0o644)
+        # rewritten every round from the history the checkpoint holds: atomic, not fsync'd
+        atomic_write_bytes(self.dir / "history.csv", buf.getvalue().encode(), mode=0o644, durable=False)
 
     def save_model(self, name: str, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
         """A model as safetensors (with string metadata such as round and accuracy)."""

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from common.datasets import load_dataset
+from simulations.bench.runs import BenchError
 from simulations.loopback import Loopback, read_progress
 
 QUICKSTART = Path(__file__).resolve().parent / "quickstart"
@@ -97,7 +98,8 @@ def _compute(logs: list[str], pattern: re.Pattern[str], column: int) -> list[flo
 def run(args: argparse.Namespace) -> dict[str, object]:
     root = Path(tempfile.mkdtemp(prefix="stamen-deploy-bench-"))
     out = root / "run"
-    with Loopback(root / "fed", executor=args.executor) as fed:
+    # the quickstart app reads the npz file its node config names; stamen sites watch their data directory
+    with Loopback(root / "fed", executor=args.executor, watched=args.app != "quickstart") as fed:
         fed.start_superlink()
         for i, (x, y) in enumerate(_shards(args.sites)):
             fed.add_site(f"site-{i}", x, y)
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         logs = [n.log.read_text(errors="replace") for n in nodes]
     rows = read_progress(out)
     if code != 0 or len(rows) != args.rounds:
-        raise SystemExit(f"run failed ({code}, {len(rows)} rounds); see {root}")
+        raise BenchError(f"deployed run failed (exit {code}, {len(rows)} rounds); see {root}")
     seconds = [float(r["seconds"]) for r in rows[1:]]
     result: dict[str, object] = {
         "app": args.app, "executor": args.executor, "reply_poll": args.reply_poll, "sites": args.sites,

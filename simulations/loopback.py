@@ -109,13 +109,14 @@ class Site:
 class Loopback:
     """A SuperLink and its sites under ``root``; use as a context manager."""
 
-    def __init__(self, root: Path, *, executor: str = "warm", torch_threads: int = 1) -> None:
+    def __init__(self, root: Path, *, executor: str = "warm", torch_threads: int = 1, watched: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.certs = self.root / "certs"
         self.port = free_port()
         self.executor = executor
         self.torch_threads = torch_threads  # several sites share this machine's cores
+        self.watched = watched  # sites read a watched data directory (else node config names the npz file)
         self.procs: list[Proc] = []
         self.sites: dict[str, Site] = {}
         self.cli_home = self.root / "flwr-cli"
@@ -204,7 +205,8 @@ class Loopback:
         site = self.sites[site_id]
         cmd = [
             str(BIN / "stamen"), "node", "--site-id", site_id, "--superlink", f"127.0.0.1:{self.port}",
-            "--state-dir", str(site.state_dir), "--data", f"npz:{site.data_file}",
+            "--state-dir", str(site.state_dir),
+            *(["--data-dir", str(site.data_dir)] if self.watched else ["--data", f"npz:{site.data_file}"]),
             "--root-certificates", str(self.certs / "ca.crt"), "--auth-key", str(site.key),
             "--runtime-port", str(site.runtime_port), "--executor", self.executor,
             "--connect-timeout", str(connect_timeout), "--torch-threads", str(self.torch_threads),

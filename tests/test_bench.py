@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from common.errors import StamenError
+from simulations.bench.deployed_round import figures
+from simulations.bench.drift import Case, score
 from simulations.bench.fedavgm import median_rounds
 from simulations.bench.proctree import rollup, stop_processes, tree
 from simulations.bench.runner import SCENARIOS, Goal, finite, load_bench, resolve
@@ -61,6 +63,37 @@ def test_median_rounds_counts_never_reached_above_every_number() -> None:
     assert median_rounds([3, None, 5]) == 5
     assert median_rounds([2, 3, None]) == 3
     assert median_rounds([None, None, 4]) is None
+
+
+def test_drift_score_measures_delay_from_the_shift_and_counts_early_or_unshifted_alarms() -> None:
+    case = Case("label-shift", "label_psi", 6, (0, 1), 9)
+    per_site = {
+        "site-0000": {"round": [4, 5, 6, 7, 8], "label_psi": [0.0, 0.05, 0.1, 0.5, 0.6]},
+        "site-0001": {"round": [4, 5, 6, 7, 8], "label_psi": [0.3, 0.0, 0.0, 0.0, 0.4]},
+        "site-0002": {"round": [4, 5, 6, 7, 8], "label_psi": [0.0, 0.0, 0.0, 0.0, 0.25]},
+    }
+    scored = score(case, {"drift": {"per_site": per_site, "detections": []}})
+    assert scored["delay_rounds"] == 1, "site-0000 crosses 0.2 at round 7, one round after the shift"
+    assert scored["false_alarm_events"] == [["site-0001", 4], ["site-0002", 8]]
+    assert scored["false_alarms"] == 2
+
+    concept = Case("label-swap", "concept", 8, (2,), 12)
+    events = [{"round": 3, "series": "global"}, {"round": 10, "series": "global"}, {"round": 9, "series": "site-0005"}]
+    scored = score(concept, {"drift": {"per_site": {}, "detections": events}})
+    assert scored["delay_rounds"] == 2
+    assert scored["false_alarm_events"] == [["global", 3], ["site-0005", 9]]
+    never = score(concept, {"drift": {"per_site": {}, "detections": []}})
+    assert never["delay_rounds"] is None and never["false_alarms"] == 0
+
+
+def test_deployed_round_figures_keep_each_setups_overhead_and_delivery_steps() -> None:
+    base = {"round_mean": 4.0, "compute_mean": 2.5, "overhead_mean": 1.5, "final_accuracy": 0.9}
+    base |= {"rounds": 6, "sites": 3}
+    after = {**base, "to_supernode_mean": 0.9, "log_dir": "/x"}
+    out = figures({"after": after, "flower": {**base, "overhead_mean": 20}})
+    assert out["after"]["overhead_mean"] == 1.5 and out["after"]["to_supernode_s"] == 0.9
+    assert "log_dir" not in out["after"] and "to_supernode_s" not in out["flower"]
+    assert out["flower"]["overhead_mean"] == 20
 
 
 def test_tree_finds_a_grandchild_in_its_own_session_and_stop_processes_ends_it() -> None:
@@ -138,7 +171,7 @@ def _numbers(obj: Any) -> list[float]:
     return []
 
 
-QUICK_SUBSET = ["fedavgm", "scale"]
+QUICK_SUBSET = ["fedavgm", "scale", "drift"]
 
 
 @pytest.mark.slow

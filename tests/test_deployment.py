@@ -2,14 +2,14 @@
 killed and restarted mid-run, and a node nobody registered.
 
 SuperLink (``stamen superlink``: TLS with a fresh development CA, SuperNode authentication,
-a database file), three sites (``stamen node``: each with its own key, npz data directory
-and private state directory, DP-SGD with a privacy ledger), ``flwr run`` of 8 rounds with
-a per-round reply deadline. In round 2 one site's ``flower-supernode`` gets ``kill -9``
-while it trains; the deadline ends rounds 2 and 3 with the two others (Flower itself
-would notice the dead node only after its heartbeat timeout, about a minute). The site is
-started again with the same state directory before round 4, takes part in a later round,
-and its epsilon continues from its ledger. A node whose key was never registered is
-refused by the SuperLink.
+a database file), three sites (``stamen node``: each with its own key, a watched data
+directory holding an npz shard and a private state directory, DP-SGD with a privacy ledger),
+``flwr run`` of 8 rounds with a per-round reply deadline. In round 2 one site's
+``flower-supernode`` gets ``kill -9`` while it trains; the deadline ends rounds 2 and 3 with the two
+others (Flower itself would notice the dead node only after its heartbeat timeout, about a
+minute). The site is started again with the same state directory before round 4, takes part
+in a later round, and its epsilon continues from its ledger. A node whose key was never
+registered is refused by the SuperLink.
 
 Run alone with ``pytest -m deployment``.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from client.datadir import MANIFEST
 from client.ledger import PrivacyLedger
 from common.state import SiteStore
 from simulations.loopback import Loopback, digits_shards, read_progress
@@ -114,6 +115,7 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
             pytest.fail(f"`flwr run` did not finish in {RUN_TIMEOUT:.0f}s\n{run.tail()}\n{restarted.tail()}")
         eps_after, steps_after = _epsilon(fed.sites[VICTIM].state_dir, VICTIM)
         participation = SiteStore(fed.sites[VICTIM].state_dir, VICTIM).read_json("participation")
+        manifests = {s: SiteStore(fed.sites[s].state_dir, s).read_json(MANIFEST) for s in SITES}
         node_view = fed.node_list()
 
     history = read_progress(out)
@@ -129,6 +131,8 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
     assert participation["last_round"] >= 4, participation
     assert max(r["replied"] for r in history[3:]) == 3, context
     assert steps_after > steps_before and eps_after > eps_before > 0, (eps_before, eps_after)
+    # Each site trained on the shard it found in its watched data directory.
+    assert all([shard["name"] for shard in m["shards"]] == ["shard-0.npz"] for m in manifests.values()), manifests
     # The run learned.
     assert history[-1]["central_accuracy"] > history[0]["central_accuracy"] + 0.1, context
     # The rogue key was never a node of this federation.

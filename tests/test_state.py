@@ -198,3 +198,18 @@ def test_bad_entry_names_are_state_errors(tmp_path: Path, store: SiteStore, oper
         OPERATIONS[operation](store, name)
     assert list(store.dir.iterdir()) == []
     assert sorted(tmp_path.rglob("*")) == [tmp_path / "sites", store.dir]
+
+
+@pytest.mark.parametrize(("durable", "fsyncs"), [(True, 2), (False, 0)])
+def test_a_durable_write_syncs_file_and_directory_and_a_light_one_neither(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, fsyncs: int
+) -> None:
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    path = tmp_path / "entry.json"
+    path.write_text("old")
+    atomic_write_bytes(path, b"new", durable=durable)
+    assert path.read_bytes() == b"new"
+    assert len(calls) == fsyncs
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.json"], "no temporary file is left behind"

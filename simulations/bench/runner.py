@@ -27,7 +27,7 @@ from simulations.bench.machine import LoadSampler, machine_info
 from simulations.bench.report import markdown
 from simulations.bench.runs import ABORT
 
-#: name -> module. Drift and deployed-round scenarios join here as those features land.
+#: name -> module, in the order a full run takes them.
 SCENARIOS: dict[str, str] = {
     "overhead": "simulations.bench.overhead",
     "dp-cost": "simulations.bench.dp_cost",
@@ -36,6 +36,8 @@ SCENARIOS: dict[str, str] = {
     "scale": "simulations.bench.scale",
     "continual": "simulations.bench.continual",
     "robustness": "simulations.bench.robustness",
+    "drift": "simulations.bench.drift",
+    "deployed-round": "simulations.bench.deployed_round",
 }
 
 BENCH_SCHEMA_VERSION = 1
