@@ -3,6 +3,8 @@ helper that runs ``stamen simulate`` in a real process."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,18 @@ def instruction(serverapp_identity: None) -> Callable[..., Message]:
         return Message(RecordDict(), dst_node_id=node_id, message_type=message_type, group_id=str(server_round))
 
     return make
+
+
+def required_tool(name: str, how: str, *, path: str | None = None) -> str:
+    """The executable ``name`` (from ``path`` if given, else PATH); a machine without it skips
+    the test locally, naming ``how`` to install it, and fails it under CI=true."""
+    found = shutil.which(name, path=path) or (shutil.which(name) if path else None)
+    if found is None:
+        reason = f"{name!r} is not installed ({how})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: in CI this test must run")
+        pytest.skip(reason)
+    return found
 
 
 def run_stamen_simulate(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

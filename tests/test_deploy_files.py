@@ -10,8 +10,6 @@ test locally and fails it in CI (``CI=true``).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import get_type_hints
 
 import pytest
 import yaml
+from conftest import required_tool
 
 from simulations import deploy_cli
 
@@ -28,12 +27,7 @@ BIN = Path(sys.executable).parent
 
 
 def _tool(name: str) -> str:
-    found = str(BIN / name) if (BIN / name).exists() else shutil.which(name)
-    if not found:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed (pip install -e '.[dev]' or the Debian package)")
-        pytest.skip(f"{name} is not installed")
-    return found
+    return required_tool(name, "pip install -e '.[dev]' or the Debian package", path=str(BIN))
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:

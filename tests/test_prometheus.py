@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import required_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -33,13 +32,7 @@ METRIC = re.compile(r"\b(stamen_[a-z0-9_]+|up)\b")
 
 
 def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        reason = f"'{name}' is not installed (Debian package 'prometheus'; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: in CI this test must run")
-        pytest.skip(reason)
-    return path
+    return required_tool(name, "Debian package 'prometheus'; .ci/run installs it")
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
