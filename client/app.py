@@ -17,27 +17,27 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.attack import attack_of, poison_data, poison_update
-from client.dp import train_private
-from client.drift import site_drift
-from client.label_shift import apply_label_shift
-from client.ledger import OverBudget, PrivacyLedger
-from client.pool import TrainingPool
-from client.replay import ReplayBuffer
-from client.resend import SentUpdates, update_digest
-from client.shard_privacy import ShardLedgers, plan_private_round, spent
-from client.sources import site_view
-from client.train import pick_device, round_seed, train_local
-from client.view import SiteView
-from common.config import KEY_BY_NAME, StamenConfig
-from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
-from common.errors import ConfigError, StamenError
-from common.identity import site_id_from_node_config
-from common.instruction import check_schema_header
-from common.models import build_model, evaluate_model
-from common.reply import Status, make_reply
-from common.runrecord import derive_seeds
-from common.state import SiteStore
+from stamen.client.dp import train_private
+from stamen.client.drift import site_drift
+from stamen.client.ledger import OverBudget, PrivacyLedger
+from stamen.client.pool import TrainingPool
+from stamen.client.replay import ReplayBuffer
+from stamen.client.resend import SentUpdates, update_digest
+from stamen.client.shard_privacy import ShardLedgers, plan_private_round, spent
+from stamen.client.sources import site_view
+from stamen.client.train import pick_device, round_seed, train_local
+from stamen.client.view import SiteView
+from stamen.common.config import KEY_BY_NAME, StamenConfig
+from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
+from stamen.common.errors import ConfigError, StamenError
+from stamen.common.identity import site_id_from_node_config
+from stamen.common.instruction import check_schema_header
+from stamen.common.models import build_model, evaluate_model
+from stamen.common.reply import Status, make_reply
+from stamen.common.runrecord import derive_seeds
+from stamen.common.state import SiteStore
+from stamen.simulations.faults.attack import attack_of, poison_data, poison_update
+from stamen.simulations.faults.label_shift import apply_label_shift
 
 log = logging.getLogger("stamen.client")
 app = ClientApp()

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.errors import ConfigError
-from common.partition import partition_indices, split_holdout
-from common.runrecord import derive_seeds
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.errors import ConfigError
+from stamen.common.partition import partition_indices, split_holdout
+from stamen.common.runrecord import derive_seeds
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.view import SiteView
-from common.datasets import Dataset, load_dataset
-from common.errors import DataError, StamenError
-from common.partition import split_holdout
-from common.state import SiteStore, atomic_write_bytes
+from stamen.client.view import SiteView
+from stamen.common.datasets import Dataset, load_dataset
+from stamen.common.errors import DataError, StamenError
+from stamen.common.partition import split_holdout
+from stamen.common.state import SiteStore, atomic_write_bytes
 
 log = logging.getLogger("stamen.client")
 

@@ -10,7 +10,7 @@ step, bf16 autocast.
 Privacy accounting does not trust the configuration: the round's Opacus accountant is
 fed by the DP optimizer's step hook, which runs once per noisy step actually taken, and
 :meth:`DPTrainResult.commit` writes exactly that to the site's
-:class:`~client.ledger.PrivacyLedger`. A round on a site::
+:class:`~stamen.client.ledger.PrivacyLedger`. A round on a site::
 
     ledger = PrivacyLedger.load(store, accountant)
     count = released_count(store, ledger, y, ...)  # charged once per data version
@@ -43,12 +43,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from client.ledger import PrivacyLedger, check_accountant
-from client.train import TrainResult, autocast_dtype, make_optimizer
-from common.config import StamenConfig
-from common.errors import ConfigError
-from common.models import check_private_model
-from common.schedule import lr_at
+from stamen.client.ledger import PrivacyLedger, check_accountant
+from stamen.client.train import TrainResult, autocast_dtype, make_optimizer
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError
+from stamen.common.models import check_private_model
+from stamen.common.schedule import lr_at
 
 # Per-sample gradients by Opacus's hooks. Measured on CPU (cnn28, 400 examples, one thread),
 # "ew" is ~20% faster but fails on an empty Poisson batch and under bf16 autocast, and

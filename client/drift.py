@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.ledger import PrivacyLedger
-from client.release import fingerprint, released
-from common.drift import (
+from stamen.client.ledger import PrivacyLedger
+from stamen.client.stat_release import fingerprint, released
+from stamen.common.drift import (
     FEATURE_SKETCH_SENSITIVITY,
     feature_sketch,
     js_divergence,
@@ -32,8 +32,8 @@ from common.drift import (
     psi,
     sliced_psi,
 )
-from common.errors import StateError
-from common.state import SiteStore
+from stamen.common.errors import StateError
+from stamen.common.state import SiteStore
 
 REFERENCE_ENTRY = "drift_reference"
 #: The reply's metric keys (each registered in :mod:`common.boundary`).

@@ -115,7 +115,7 @@ def _client(
     retry.max_time = seconds
     return RuntimeHttpClient.from_server_address(
         server_address=address,
-        insecure=True,  # the Runtime API listens on loopback only (see simulations/node.py)
+        insecure=True,  # the Runtime API listens on loopback only (see client/node.py)
         root_certificates=None,
         interceptors=list(interceptors),
         retry_invoker=retry,
@@ -206,7 +206,7 @@ class WarmExecutor:
         if self._app is None:
             import torch
 
-            from client.app import app  # torch and the model code: imported once, on the first task
+            from stamen.client.app import app  # torch and the model code: imported once, on the first task
 
             if self._threads:
                 torch.set_num_threads(self._threads)

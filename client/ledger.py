@@ -7,7 +7,7 @@ the site's state store, so epsilon composes across every round, run and restart 
 site. RDP and PRV composition do not depend on order, so the two lists are kept apart.
 A fresh accountant per round would report one round's epsilon as the total; so the
 ledger is loaded from the store every time and is never re-created empty for a site
-that has one (an unreadable or foreign ledger is a :class:`~common.errors.StateError`,
+that has one (an unreadable or foreign ledger is a :class:`~stamen.common.errors.StateError`,
 not a reset).
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 from opacus.accountants import create_accountant
 
-from common.errors import ConfigError, StamenError, StateError
-from common.state import SiteStore
+from stamen.common.errors import ConfigError, StamenError, StateError
+from stamen.common.state import SiteStore
 
 LEDGER_ENTRY = "privacy_ledger"
 ACCOUNTANTS = ("rdp", "prv")

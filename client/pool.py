@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.replay import Replayed
-from client.view import SiteView
+from stamen.client.replay import Replayed
+from stamen.client.view import SiteView
 
 
 @dataclass(frozen=True)

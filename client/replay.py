@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.view import SiteView
-from common.errors import StateError
-from common.state import SiteStore
+from stamen.client.view import SiteView
+from stamen.common.errors import StateError
+from stamen.common.state import SiteStore
 
 STATE_ENTRY = "replay"
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.state import SiteStore
+from stamen.common.state import SiteStore
 
 SENT_ENTRY = "sent_updates"
 KEEP = 256

@@ -24,12 +24,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from client.dp import DPTrainResult, dp_schedule
-from client.ledger import LEDGER_ENTRY, OverBudget, PrivacyLedger, calibrate_noise
-from client.pool import TrainingPool
-from client.release import released_count
-from common.config import StamenConfig
-from common.state import SiteStore
+from stamen.client.dp import DPTrainResult, dp_schedule
+from stamen.client.ledger import LEDGER_ENTRY, OverBudget, PrivacyLedger, calibrate_noise
+from stamen.client.pool import TrainingPool
+from stamen.client.stat_release import released_count
+from stamen.common.config import StamenConfig
+from stamen.common.state import SiteStore
 
 
 def shard_ledger_name(shard: str) -> str:

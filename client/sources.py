@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from client.data import load_site_data, simulated_split
-from client.datadir import DataDir
-from client.stream import stream_view
-from client.view import SiteView
-from common.config import StamenConfig
-from common.errors import ConfigError
-from common.scenario import scenario_of
-from common.state import SiteStore
+from stamen.client.data import load_site_data, simulated_split
+from stamen.client.datadir import DataDir
+from stamen.client.stream import stream_view
+from stamen.client.view import SiteView
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError
+from stamen.common.scenario import scenario_of
+from stamen.common.state import SiteStore
 
 
 def site_view(

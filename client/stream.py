@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from client.train import round_seed
-from client.view import BASE_SHARD, SiteView
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.runrecord import derive_seeds
-from common.scenario import Event, Scenario
+from stamen.client.train import round_seed
+from stamen.client.view import BASE_SHARD, SiteView
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.runrecord import derive_seeds
+from stamen.common.scenario import Event, Scenario
 
 
 def stream_view(

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.config import StamenConfig
-from common.schedule import lr_at
+from stamen.common.config import StamenConfig
+from stamen.common.schedule import lr_at
 
 
 @dataclass(frozen=True)

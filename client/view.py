@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from client.data import SiteData
+from stamen.client.data import SiteData
 
 #: The shard of a site whose data does not arrive in shards (a fixed file or partition).
 BASE_SHARD = "base"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import ConfigError
+from stamen.common.errors import ConfigError
 
 Scalar = bool | int | float | str
 
@@ -303,7 +303,7 @@ KEYS: tuple[Key, ...] = (
         _nonneg,
         ">= 0",
     ),
-    # --- poisoning scenarios, simulation only (client/attack.py) ------------------------
+    # --- poisoning scenarios, simulation only (simulations/faults/attack.py) ------------------------
     Key(
         "attack",
         str,

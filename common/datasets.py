@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from common.errors import DataError
+from stamen.common.errors import DataError
 
 if TYPE_CHECKING:
     import datasets as hf_datasets

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import ConfigError
+from stamen.common.errors import ConfigError
 
 SITE_ID_KEY = "site-id"
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.errors import ConfigError
-from common.reply import REPLY_SCHEMA_VERSION
+from stamen.common.errors import ConfigError
+from stamen.common.reply import REPLY_SCHEMA_VERSION
 
 INSTRUCTION_SCHEMA_VERSION = 1
 INSTRUCTION_SCHEMA_KEY = "instruction-schema"

@@ -17,7 +17,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 
-from common.errors import ConfigError
+from stamen.common.errors import ConfigError
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 

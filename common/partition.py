@@ -25,7 +25,7 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
-from common.errors import DataError
+from stamen.common.errors import DataError
 
 SCHEMES = ("iid", "dirichlet", "shards")
 

@@ -26,7 +26,7 @@ from enum import StrEnum
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.boundary import metric_keys
+from stamen.common.boundary import metric_keys
 
 REPLY_SCHEMA_VERSION = 1
 

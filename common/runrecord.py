@@ -15,8 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.config import StamenConfig
-from common.state import atomic_write_json
+from stamen.common.config import StamenConfig
+from stamen.common.state import atomic_write_json
 
 RUN_RECORD_SCHEMA_VERSION = 1
 _PACKAGES = ("stamen", "flwr", "torch", "numpy", "opacus", "ray", "flwr-datasets", "scikit-learn", "mlxtend")

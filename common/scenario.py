@@ -23,15 +23,17 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from common.config import KEY_BY_NAME, StamenConfig
-from common.errors import ConfigError
+from stamen.common.config import KEY_BY_NAME, StamenConfig
+from stamen.common.errors import ConfigError
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
+#: The scenarios shipped with stamen (package data of ``stamen.simulations``).
+BUNDLED_DIR = Path(str(files("stamen.simulations").joinpath("scenarios")))
 
 #: Fields each event kind takes besides ``kind``, ``sites`` and ``from-round``.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from common.config import StamenConfig
+from stamen.common.config import StamenConfig
 
 
 def lr_at(progress: float, cfg: StamenConfig) -> float:

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from common.errors import StateError
-from common.identity import validate_site_id
+from stamen.common.errors import StateError
+from stamen.common.identity import validate_site_id
 
 STATE_SCHEMA_VERSION = 1
 

@@ -17,11 +17,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import KEY_BY_NAME, StamenConfig
-from common.errors import ConfigError
-from server.loop import Federation
-from server.outputs import run_lock
-from server.stop import install_stop_handlers
+from stamen.common.config import KEY_BY_NAME, StamenConfig
+from stamen.common.errors import ConfigError
+from stamen.server.loop import Federation
+from stamen.server.outputs import run_lock
+from stamen.server.stop import install_stop_handlers
 
 log = logging.getLogger("stamen.server")
 

@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from common.errors import StateError
-from common.state import atomic_write_bytes, atomic_write_json
+from stamen.common.errors import StateError
+from stamen.common.state import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("stamen.server")
 

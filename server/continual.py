@@ -18,17 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from common.config import StamenConfig
-from common.errors import ConfigError, StateError
-from common.identity import SiteSampler
-from server.checkpoint import Checkpoint, CheckpointStore, config_changes
-from server.dp_fedavg import DPFedAvg
-from server.evaluate import ServerData
-from server.outputs import RunOutputs
-from server.rollback import DivergenceRule, spiked_step
-from server.sites import SiteDirectory
-from server.strategy.base import ServerOptimizer
-from server.versions import ModelInfo, VersionRegistry
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError, StateError
+from stamen.common.identity import SiteSampler
+from stamen.server.checkpoint import Checkpoint, CheckpointStore, config_changes
+from stamen.server.dp_fedavg import DPFedAvg
+from stamen.server.evaluate import ServerData
+from stamen.server.optimizers.base import ServerOptimizer
+from stamen.server.outputs import RunOutputs
+from stamen.server.rollback import DivergenceRule, spiked_step
+from stamen.server.sites import SiteDirectory
+from stamen.server.versions import ModelInfo, VersionRegistry
 
 log = logging.getLogger("stamen.server")
 
@@ -45,7 +45,7 @@ class Best:
 
 
 class ContinualRun:
-    """Versions, rollback and checkpoints of a :class:`~server.loop.Federation` (a mixin).
+    """Versions, rollback and checkpoints of a :class:`~stamen.server.loop.Federation` (a mixin).
 
     The attributes declared here are the loop's; this class reads and replaces them.
     """

@@ -27,7 +27,7 @@ import numpy as np
 from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 from opacus.accountants import create_accountant
 
-from common.errors import ConfigError
+from stamen.common.errors import ConfigError
 
 Arrays = dict[str, np.ndarray]
 

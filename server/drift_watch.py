@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.config import StamenConfig
-from common.drift import PSI_ALERT, PageHinkley
-from common.reply import SiteReply
+from stamen.common.config import StamenConfig
+from stamen.common.drift import PSI_ALERT, PageHinkley
+from stamen.common.reply import SiteReply
 
 #: Reply metric key -> name in history rows and summary.json.
 DATA_DRIFT_KEYS = {

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.errors import ConfigError, DataError
-from common.models import evaluate_model
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.errors import ConfigError, DataError
+from stamen.common.models import evaluate_model
 
 
 @dataclass(frozen=True)

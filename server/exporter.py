@@ -29,9 +29,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, start_http_server
 
-from common.config import StamenConfig
-from common.errors import ConfigError
-from common.reply import REJECT_REASONS
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError
+from stamen.common.reply import REJECT_REASONS
 
 log = logging.getLogger("stamen.server")
 

@@ -31,27 +31,27 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.config import StamenConfig
-from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
-from common.errors import StamenError
-from common.identity import SiteSampler
-from common.instruction import schema_header
-from common.models import build_model, resolve_model_name
-from common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, screen_reply
-from common.runrecord import build_run_record, derive_seeds, write_run_record
-from common.scenario import scenario_of
-from server.continual import Best, ContinualRun
-from server.dp_fedavg import DPFedAvg
-from server.evaluate import evaluate_centrally, load_server_data
-from server.grid_rounds import exchange, wait_for_nodes
-from server.observe import RoundObserver
-from server.outputs import RunOutputs
-from server.sites import SiteDirectory
-from server.stop import stop_reason, stop_requested
-from server.strategy.base import ServerOptimizer
-from server.strategy.factory import make_server_optimizer
-from server.tasks import TaskTracker
-from server.trust import TrustPolicy
+from stamen.common.config import StamenConfig
+from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
+from stamen.common.errors import StamenError
+from stamen.common.identity import SiteSampler
+from stamen.common.instruction import schema_header
+from stamen.common.models import build_model, resolve_model_name
+from stamen.common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status, screen_reply
+from stamen.common.runrecord import build_run_record, derive_seeds, write_run_record
+from stamen.common.scenario import scenario_of
+from stamen.server.continual import Best, ContinualRun
+from stamen.server.dp_fedavg import DPFedAvg
+from stamen.server.evaluate import evaluate_centrally, load_server_data
+from stamen.server.grid_rounds import exchange, wait_for_nodes
+from stamen.server.observe import RoundObserver
+from stamen.server.optimizers.base import ServerOptimizer
+from stamen.server.optimizers.factory import make_server_optimizer
+from stamen.server.outputs import RunOutputs
+from stamen.server.sites import SiteDirectory
+from stamen.server.stop import stop_reason, stop_requested
+from stamen.server.tasks import TaskTracker
+from stamen.server.trust import TrustPolicy
 
 log = logging.getLogger("stamen.server")
 

@@ -15,12 +15,12 @@ from typing import Any
 
 from flwr.app import Message
 
-from common.config import StamenConfig
-from common.convert import record_to_arrays
-from common.reply import REJECT_REASONS, SiteReply
-from server.drift_watch import DATA_DRIFT_KEYS, DriftWatch
-from server.exporter import Exporter
-from server.update_stats import Arrays, change_norm, update_statistics
+from stamen.common.config import StamenConfig
+from stamen.common.convert import record_to_arrays
+from stamen.common.reply import REJECT_REASONS, SiteReply
+from stamen.server.drift_watch import DATA_DRIFT_KEYS, DriftWatch
+from stamen.server.exporter import Exporter
+from stamen.server.update_stats import Arrays, change_norm, update_statistics
 
 #: Per-site score name -> per-site gauge.
 SITE_SCORE_GAUGES = {

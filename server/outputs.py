@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from common.errors import StateError
-from common.state import atomic_write_bytes, atomic_write_json
+from stamen.common.errors import StateError
+from stamen.common.state import atomic_write_bytes, atomic_write_json
 
 SUMMARY_SCHEMA_VERSION = 1
 

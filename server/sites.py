@@ -16,8 +16,8 @@ from collections.abc import Callable
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common.reply import RejectedReply, screen_reply
-from server.grid_rounds import exchange
+from stamen.common.reply import RejectedReply, screen_reply
+from stamen.server.grid_rounds import exchange
 
 log = logging.getLogger("stamen.server")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from common.scenario import Scenario
-from server.evaluate import ServerData, evaluate_tasks
+from stamen.common.scenario import Scenario
+from stamen.server.evaluate import ServerData, evaluate_tasks
 
 
 class TaskTracker:

@@ -29,9 +29,9 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.config import StamenConfig
-from common.convert import arrays_to_record, record_to_arrays
-from common.reply import SiteReply
+from stamen.common.config import StamenConfig
+from stamen.common.convert import arrays_to_record, record_to_arrays
+from stamen.common.reply import SiteReply
 
 log = logging.getLogger("stamen.server")
 

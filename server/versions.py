@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from common.errors import StateError
-from common.state import atomic_write_bytes, atomic_write_json
+from stamen.common.errors import StateError
+from stamen.common.state import atomic_write_bytes, atomic_write_json
 
 VERSIONS_SCHEMA_VERSION = 1
 VERSIONS_DIR = "versions"

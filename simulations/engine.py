@@ -46,9 +46,9 @@ def main(overrides_path: str) -> int:
     spec = json.loads(Path(overrides_path).read_text())
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import make_server_app
-    from server.stop import install_stop_handlers
+    from stamen.client.app import app as client_app
+    from stamen.server.app import make_server_app
+    from stamen.server.stop import install_stop_handlers
 
     init_args = {"include_dashboard": False, "num_cpus": spec["num_cpus"]}
     backend = {

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from client.data import load_site_data
-from client.train import make_optimizer, round_seed, shuffled_batches
-from common.config import StamenConfig
-from common.errors import DataError
-from common.models import build_model
-from server.evaluate import load_server_data
+from stamen.client.data import load_site_data
+from stamen.client.train import make_optimizer, round_seed, shuffled_batches
+from stamen.common.config import StamenConfig
+from stamen.common.errors import DataError
+from stamen.common.models import build_model
+from stamen.server.evaluate import load_server_data
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client import app as client_app
-from common.config import StamenConfig
-from common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
-from common.instruction import schema_header
-from common.models import build_model, evaluate_model
-from common.reply import screen_reply
+from stamen.client import app as client_app
+from stamen.common.config import StamenConfig
+from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
+from stamen.common.instruction import schema_header
+from stamen.common.models import build_model, evaluate_model
+from stamen.common.reply import screen_reply
 
 NODE_ID = 7
 

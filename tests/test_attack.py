@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.attack import attack_of, attack_partitions, poison_data, poison_update
-from client.data import SiteData
-from common.config import StamenConfig
-from common.errors import ConfigError
-from common.state import SiteStore
+from stamen.client.data import SiteData
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError
+from stamen.common.state import SiteStore
+from stamen.simulations.faults.attack import attack_of, attack_partitions, poison_data, poison_update
 
 GLOBAL = {"w": np.ones((2, 3), np.float32), "steps": np.array([4], np.int64)}
 HONEST = {"w": np.full((2, 3), 1.5, np.float32), "steps": np.array([5], np.int64)}

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from common.errors import StamenError
-from simulations.bench.deployed_round import figures
-from simulations.bench.drift import Case, score
-from simulations.bench.fedavgm import median_rounds
-from simulations.bench.proctree import rollup, stop_processes, tree
-from simulations.bench.runner import SCENARIOS, Goal, finite, load_bench, resolve
-from simulations.bench.runs import watch
+from stamen.common.errors import StamenError
+from stamen.simulations.bench.deployed_round import figures
+from stamen.simulations.bench.drift import Case, score
+from stamen.simulations.bench.fedavgm import median_rounds
+from stamen.simulations.bench.proctree import rollup, stop_processes, tree
+from stamen.simulations.bench.runner import SCENARIOS, Goal, finite, load_bench, resolve
+from stamen.simulations.bench.runs import watch
 
 
 def test_goal_met_follows_its_operator_and_fails_without_a_measurement() -> None:
@@ -142,7 +142,7 @@ def test_watch_stops_a_run_early_on_request(tmp_path: Path) -> None:
 
 def test_cli_names_an_unknown_scenario_and_writes_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "simulations", "bench", "nosuch", "--out", str(tmp_path / "b")],
+        [sys.executable, "-m", "stamen", "bench", "nosuch", "--out", str(tmp_path / "b")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -178,7 +178,7 @@ QUICK_SUBSET = ["fedavgm", "scale", "drift"]
 def test_quick_bench_writes_one_well_formed_object_per_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "-m", "simulations", "bench", *QUICK_SUBSET, "--quick", "--out", str(out)],
+        [sys.executable, "-m", "stamen", "bench", *QUICK_SUBSET, "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=1200,

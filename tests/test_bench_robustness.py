@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from simulations.bench import robustness
-from simulations.bench.runner import Context
-from simulations.bench.runs import Run
+from stamen.simulations.bench import robustness
+from stamen.simulations.bench.runner import Context
+from stamen.simulations.bench.runs import Run
 
 # final accuracy per (attack, rule, attackers) of the stubbed runs
 ACCURACY = {("", "mean", 0): 0.93, ("", "trimmed-mean", 0): 0.92, ("scale", "mean", 2): 0.73,

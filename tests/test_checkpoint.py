@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import StateError
-from server.checkpoint import CHECKPOINT_SCHEMA_VERSION, Checkpoint, CheckpointStore, config_changes
+from stamen.common.errors import StateError
+from stamen.server.checkpoint import CHECKPOINT_SCHEMA_VERSION, Checkpoint, CheckpointStore, config_changes
 
 
 def _checkpoint(server_round: int) -> Checkpoint:

@@ -2,7 +2,7 @@
 
 A reduced Split-digits (3 sites, 5 tasks of 2 classes, 2 rounds each) run twice, with and
 without a replay buffer. The full-size MNIST-5k figures come from
-``simulations/continual_bench.py``.
+``simulations/bench/split_replay.py``.
 """
 
 from __future__ import annotations

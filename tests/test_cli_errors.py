@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from simulations.cli import app
+from stamen.cli.main import app
 
 runner = CliRunner()
 

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import SiteData
-from client.drift import REFERENCE_ENTRY, site_drift
-from client.label_shift import apply_label_shift
-from client.ledger import OverBudget, PrivacyLedger
-from client.release import RELEASES_ENTRY
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.drift import PSI_ALERT, js_divergence, psi, sliced_psi
-from common.errors import ConfigError, StateError
-from common.state import SiteStore
+from stamen.client.data import SiteData
+from stamen.client.drift import REFERENCE_ENTRY, site_drift
+from stamen.client.ledger import OverBudget, PrivacyLedger
+from stamen.client.stat_release import RELEASES_ENTRY
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.drift import PSI_ALERT, js_divergence, psi, sliced_psi
+from stamen.common.errors import ConfigError, StateError
+from stamen.common.state import SiteStore
+from stamen.simulations.faults.label_shift import apply_label_shift
 
 
 def _digits(n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:

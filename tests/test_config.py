@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from common.config import KEY_BY_NAME, KEYS, StamenConfig, parse_assignment
-from common.errors import ConfigError
-from server.app import resolve_out_dir
+from stamen.common.config import KEY_BY_NAME, KEYS, StamenConfig, parse_assignment
+from stamen.common.errors import ConfigError
+from stamen.server.app import resolve_out_dir
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 

@@ -21,9 +21,9 @@ from conftest import run_stamen_simulate, session_processes, still_running
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from common.config import StamenConfig
-from server.checkpoint import Checkpoint, CheckpointStore
-from simulations.cli import app
+from stamen.cli.main import app
+from stamen.common.config import StamenConfig
+from stamen.server.checkpoint import Checkpoint, CheckpointStore
 
 # DP-SGD with noise seeded per (site, round), 2 of 4 sites sampled per round, and client-level
 # DP on the server (noise seeded per round); a fixed cosine horizon, so a 3-round run and a
@@ -157,7 +157,7 @@ def _wait_for_rows(progress: Path, rows: int, proc: subprocess.Popen[str], deadl
 def test_a_signal_stops_an_unbounded_run_after_its_round_with_a_checkpoint(sig: signal.Signals, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["--clients", "3", "--rounds", "0", "--dataset", "digits", "--local-epochs", "3"]
-    command = [sys.executable, "-m", "simulations", "simulate", *args, "--set", "lr-schedule=constant"]
+    command = [sys.executable, "-m", "stamen", "simulate", *args, "--set", "lr-schedule=constant"]
     proc = subprocess.Popen(
         [*command, "--out", str(out), "--no-progress", "--timeout", "600"],
         stdout=subprocess.PIPE,

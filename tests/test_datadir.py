@@ -20,11 +20,11 @@ import pytest
 import torch
 from clientdrive import OneSite
 
-from client.datadir import MANIFEST, DataDir
-from client.dp import dp_schedule
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.state import SiteStore
+from stamen.client.datadir import MANIFEST, DataDir
+from stamen.client.dp import dp_schedule
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.state import SiteStore
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
@@ -151,7 +151,7 @@ def test_what_was_ingested_survives_a_restart(tmp_path: Path, digits: dict[str, 
     manifest = tmp_path / "state" / "node-a" / f"{MANIFEST}.json"
     written = manifest.read_text()
     script = (
-        "import sys; from client.datadir import DataDir; from common.state import SiteStore\n"
+        "import sys; from stamen.client.datadir import DataDir; from stamen.common.state import SiteStore\n"
         "d = DataDir(sys.argv[1], SiteStore(sys.argv[2], 'node-a'), (1, 8, 8), 10)\n"
         "v = d.view(3, 0.05, ingest=True)\n"
         "print(v.num_train, ','.join(v.shard_names))"
@@ -210,7 +210,7 @@ def test_a_directory_that_cannot_be_written_skips_bad_files_without_failing(
             raise PermissionError("read-only file system")
         real_replace(src, dst)
 
-    monkeypatch.setattr("client.datadir.os.replace", read_only_inbox)
+    monkeypatch.setattr("stamen.client.datadir.os.replace", read_only_inbox)
     view = DataDir(str(inbox), store, SHAPE, 10).view(1, 0.05, ingest=True)
     assert view.num_train > 0 and (inbox / "garbage.npz").exists()
     again = DataDir(str(inbox), store, SHAPE, 10)

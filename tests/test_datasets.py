@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.datasets import Dataset, load_dataset
-from common.errors import DataError
+from stamen.common.datasets import Dataset, load_dataset
+from stamen.common.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_builtin_is_cached_identical_and_read_only() -> None:
 def test_digits_split_is_the_same_in_a_fresh_process() -> None:
     code = (
         "import hashlib, numpy as np\n"
-        "from common.datasets import load_dataset\n"
+        "from stamen.common.datasets import load_dataset\n"
         "ds = load_dataset('digits')\n"
         "h = hashlib.sha256()\n"
         "for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):\n"

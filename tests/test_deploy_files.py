@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import required_tool
 
-from simulations import deploy_cli
+from stamen.cli import deploy as deploy_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from client.datadir import MANIFEST
-from client.ledger import PrivacyLedger
-from common.state import SiteStore
-from simulations.loopback import Loopback, digits_shards, read_progress
+from stamen.client.datadir import MANIFEST
+from stamen.client.ledger import PrivacyLedger
+from stamen.common.state import SiteStore
+from stamen.simulations.bench.loopback import Loopback, digits_shards, read_progress
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 

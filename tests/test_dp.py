@@ -19,13 +19,13 @@ from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from client.dp import DPTrainResult, dp_schedule, train_private
-from client.ledger import PrivacyLedger, calibrate_noise
-from common.config import StamenConfig
-from common.convert import model_to_arrays
-from common.errors import ConfigError, StateError
-from common.models import build_model, check_private_model
-from common.state import SiteStore
+from stamen.client.dp import DPTrainResult, dp_schedule, train_private
+from stamen.client.ledger import PrivacyLedger, calibrate_noise
+from stamen.common.config import StamenConfig
+from stamen.common.convert import model_to_arrays
+from stamen.common.errors import ConfigError, StateError
+from stamen.common.models import build_model, check_private_model
+from stamen.common.state import SiteStore
 
 REPO = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -128,8 +128,8 @@ def test_new_process_continues_the_ledger(tmp_path: Path) -> None:
     before = ledger.epsilon(DELTA)
     script = (
         "import json, sys\n"
-        "from client.ledger import PrivacyLedger\n"
-        "from common.state import SiteStore\n"
+        "from stamen.client.ledger import PrivacyLedger\n"
+        "from stamen.common.state import SiteStore\n"
         "ledger = PrivacyLedger.load(SiteStore(sys.argv[1], 'site-a'))\n"
         "eps_loaded = ledger.epsilon(1e-5)\n"
         "ledger.record(1.1, 0.125, 8)\n"
@@ -231,7 +231,7 @@ def test_fp16_is_refused_bf16_trains() -> None:
 
 
 def test_server_and_sites_build_the_same_fixed_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.models as models
+    import stamen.common.models as models
 
     def bn_net(shape: tuple[int, ...], num_classes: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, num_classes))

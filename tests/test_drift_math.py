@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import rotate
 
-from common.datasets import load_dataset
-from common.drift import (
+from stamen.common.datasets import load_dataset
+from stamen.common.drift import (
     FEATURE_PROJECTIONS,
     PSI_ALERT,
     PageHinkley,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from common.drift import PSI_ALERT
+from stamen.common.drift import PSI_ALERT
 
 SHIFT_ROUND = 5
 SHIFTED = ("site-0000", "site-0001")

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.executor import FAB_ID, WarmExecutor
+from stamen.client.executor import FAB_ID, WarmExecutor
 
 
 @pytest.fixture

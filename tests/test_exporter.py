@@ -18,10 +18,10 @@ from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from common.config import StamenConfig
-from common.errors import ConfigError
-from server.exporter import OTHER, Exporter, metrics_url
-from simulations.cli import app
+from stamen.cli.main import app
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError
+from stamen.server.exporter import OTHER, Exporter, metrics_url
 
 
 def _exporter(**changes: object) -> Exporter:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.errors import ConfigError
-from common.scenario import parse_scenario
-from server.evaluate import ServerData, evaluate_tasks
-from server.tasks import TaskTracker
+from stamen.common.errors import ConfigError
+from stamen.common.scenario import parse_scenario
+from stamen.server.evaluate import ServerData, evaluate_tasks
+from stamen.server.tasks import TaskTracker
 
 
 class Fixed(nn.Module):

@@ -20,9 +20,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common.datasets import Dataset, load_dataset
-from common.errors import DataError
-from common.reply import REJECT_REASONS, REPLY_SCHEMA_VERSION, TRAIN_METRICS, RejectedReply, SiteReply, screen_reply
+from stamen.common.datasets import Dataset, load_dataset
+from stamen.common.errors import DataError
+from stamen.common.reply import (
+    REJECT_REASONS,
+    REPLY_SCHEMA_VERSION,
+    TRAIN_METRICS,
+    RejectedReply,
+    SiteReply,
+    screen_reply,
+)
 
 FUZZ = settings(
     max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from flwr.app import Message, MessageType, RecordDict
 
-from common.config import StamenConfig
-from server.grid_rounds import exchange, wait_for_nodes
-from server.loop import Federation, RunFailed
+from stamen.common.config import StamenConfig
+from stamen.server.grid_rounds import exchange, wait_for_nodes
+from stamen.server.loop import Federation, RunFailed
 
 
 class FakeGrid:

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_stamen_simulate
 from test_exporter import _free_port, _self_signed
 
-from common.config import StamenConfig
-from server.exporter import Exporter
+from stamen.common.config import StamenConfig
+from stamen.server.exporter import Exporter
 
 
 def test_metrics_endpoint_is_loopback_only_by_default() -> None:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from common.errors import ConfigError
-from common.identity import SiteSampler, site_id_from_node_config, validate_site_id
+from stamen.common.errors import ConfigError
+from stamen.common.identity import SiteSampler, site_id_from_node_config, validate_site_id
 
 SITES = [f"site-{i:04d}" for i in range(20)]
 

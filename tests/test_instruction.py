@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import query
-from common.instruction import INSTRUCTION_SCHEMA_VERSION, schema_header
-from common.reply import REPLY_SCHEMA_VERSION, RejectedReply, screen_reply
+from stamen.client.app import query
+from stamen.common.instruction import INSTRUCTION_SCHEMA_VERSION, schema_header
+from stamen.common.reply import REPLY_SCHEMA_VERSION, RejectedReply, screen_reply
 
 
 def _handshake(instruction: Callable[..., Message], header: dict[str, Any]) -> Message:

@@ -7,9 +7,9 @@ import math
 import torch
 from typer.testing import CliRunner
 
-from common.config import StamenConfig
-from simulations.cli import app
-from simulations.lr_find import lr_range_test
+from stamen.cli.main import app
+from stamen.common.config import StamenConfig
+from stamen.simulations.lr_find import lr_range_test
 
 
 def test_range_test_rises_then_suggests_a_rate_inside_the_range() -> None:

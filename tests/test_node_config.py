@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from simulations.node import NodeSettings, check, node_assignment, supernode_command
-from simulations.superlink import SuperLinkSettings, superlink_command
+from stamen.client.node import NodeSettings, check, node_assignment, supernode_command
+from stamen.common.errors import ConfigError
+from stamen.server.superlink import SuperLinkSettings, superlink_command
 
 TLS = Path(__file__).resolve().parents[1] / "deploy" / "tls"
 
@@ -138,7 +138,7 @@ def test_superlink_has_tls_node_auth_and_a_database_unless_told_otherwise(tmp_pa
 def test_stamen_node_cli_reports_a_bad_state_dir_in_one_line(site: NodeSettings) -> None:
     os.chmod(site.state_dir, 0o755)
     res = subprocess.run(
-        [sys.executable, "-m", "simulations", "node", "--site-id", "site-a", "--superlink", "127.0.0.1:9092",
+        [sys.executable, "-m", "stamen", "node", "--site-id", "site-a", "--superlink", "127.0.0.1:9092",
          "--state-dir", str(site.state_dir), "--data-dir", str(site.data_dir), "--root-certificates",
          str(site.root_certificates), "--auth-key", str(site.auth_key), "--dry-run"],
         capture_output=True, text=True, timeout=120,

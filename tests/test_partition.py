@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.errors import DataError
-from common.partition import partition_indices, split_holdout
+from stamen.common.errors import DataError
+from stamen.common.partition import partition_indices, split_holdout
 
 N = 2000
 LABELS = np.random.default_rng(123).permutation(np.repeat(np.arange(10), N // 10))

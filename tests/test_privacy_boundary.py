@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client import app as client_app
-from client.data import load_site_data
-from client.dp import dp_schedule
-from client.ledger import PrivacyLedger
-from common.boundary import FIELDS, Treatment, unaccounted
-from common.config import StamenConfig
-from common.convert import arrays_to_record, model_to_arrays
-from common.instruction import schema_header
-from common.models import build_model
-from common.reply import Status, screen_reply
-from common.state import SiteStore
+from stamen.client import app as client_app
+from stamen.client.data import load_site_data
+from stamen.client.dp import dp_schedule
+from stamen.client.ledger import PrivacyLedger
+from stamen.common.boundary import FIELDS, Treatment, unaccounted
+from stamen.common.config import StamenConfig
+from stamen.common.convert import arrays_to_record, model_to_arrays
+from stamen.common.instruction import schema_header
+from stamen.common.models import build_model
+from stamen.common.reply import Status, screen_reply
+from stamen.common.state import SiteStore
 
 MakeInstruction = Callable[..., Message]
 NODE = {"partition-id": 1, "num-partitions": 3}

@@ -138,7 +138,7 @@ def live_simulation(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], i
     # training-loss and per-site series has values; enough rounds to outlast the checks.
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "simulations", "simulate",
+            sys.executable, "-m", "stamen", "simulate",
             "--clients", "3", "--rounds", "400", "--dataset", "digits",
             "--dp", "--noise-multiplier", "1.0", "--epsilon-budget", "1000000",
             "--set", "dp-public-stats=true", "--set", "min-partition-size=10",

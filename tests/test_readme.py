@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.boundary import markdown_table
-from common.config import KEYS
+from stamen.common.boundary import markdown_table
+from stamen.common.config import KEYS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from clientdrive import OneSite
 
-from client.data import SiteData
-from client.pool import TrainingPool
-from client.replay import ReplayBuffer
-from client.view import SiteView
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.errors import StateError
-from common.state import SiteStore
+from stamen.client.data import SiteData
+from stamen.client.pool import TrainingPool
+from stamen.client.replay import ReplayBuffer
+from stamen.client.view import SiteView
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.errors import StateError
+from stamen.common.state import SiteStore
 
 
 def _view(ids: range | list[int], shard: str = "s1") -> SiteView:

@@ -18,8 +18,8 @@ from flwr.common.constant import ErrorCode
 from opacus import GradSampleModule
 from torch import nn
 
-from common.convert import WRAPPER_PREFIX, arrays_to_record, load_arrays, model_to_arrays
-from common.reply import (
+from stamen.common.convert import WRAPPER_PREFIX, arrays_to_record, load_arrays, model_to_arrays
+from stamen.common.reply import (
     EVAL_METRICS,
     REPLY_SCHEMA_VERSION,
     TRAIN_METRICS,
@@ -29,7 +29,7 @@ from common.reply import (
     make_reply,
     screen_reply,
 )
-from server.loop import screen_round, weighted_mean
+from stamen.server.loop import screen_round, weighted_mean
 
 Arrays = dict[str, np.ndarray]
 MakeInstruction = Callable[..., Message]  # the ``instruction`` fixture (tests/conftest.py)

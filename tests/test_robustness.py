@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import run_stamen_simulate
 
-from simulations.bench.robustness import scenario_args
+from stamen.simulations.bench.robustness import scenario_args
 
 # 5 local epochs without LR warmup: the clean run reaches ~0.93 in 5 rounds, so a loss shows.
 SIZE: dict[str, Any] = {

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from common.config import StamenConfig
-from server.observe import RoundObserver
-from server.rollback import DivergenceRule, spiked_step
-from server.strategy.factory import make_server_optimizer
+from stamen.common.config import StamenConfig
+from stamen.server.observe import RoundObserver
+from stamen.server.optimizers.factory import make_server_optimizer
+from stamen.server.rollback import DivergenceRule, spiked_step
 
 
 def test_nan_fires_at_once() -> None:

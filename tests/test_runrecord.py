@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from common.config import KEYS, StamenConfig
-from common.runrecord import (
+from stamen.common.config import KEYS, StamenConfig
+from stamen.common.runrecord import (
     RUN_RECORD_SCHEMA_VERSION,
     build_run_record,
     derive_seeds,

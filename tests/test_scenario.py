@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import simulated_split
-from client.stream import rotate, stream_view
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.errors import ConfigError
-from common.scenario import BUNDLED_DIR, load_scenario, parse_scenario
-from simulations.cli import with_scenario_defaults
+from stamen.cli.main import with_scenario_defaults
+from stamen.client.data import simulated_split
+from stamen.client.stream import rotate, stream_view
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.errors import ConfigError
+from stamen.common.scenario import BUNDLED_DIR, load_scenario, parse_scenario
 
 SITES = 3
 

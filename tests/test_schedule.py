@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import client.train as train_module
-from client.train import make_optimizer
-from common.config import StamenConfig
-from common.schedule import lr_at
+import stamen.client.train as train_module
+from stamen.client.train import make_optimizer
+from stamen.common.config import StamenConfig
+from stamen.common.schedule import lr_at
 
 
 def cfg(**values: Any) -> StamenConfig:

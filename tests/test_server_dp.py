@@ -7,13 +7,13 @@ import pytest
 from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
-from common.convert import arrays_to_record
-from common.errors import ConfigError
-from common.identity import SiteSampler
-from common.reply import SiteReply, Status
-from server.dp_fedavg import DPFedAvg
-from server.loop import server_update
-from server.strategy.fedavgm import FedAvgM
+from stamen.common.convert import arrays_to_record
+from stamen.common.errors import ConfigError
+from stamen.common.identity import SiteSampler
+from stamen.common.reply import SiteReply, Status
+from stamen.server.dp_fedavg import DPFedAvg
+from stamen.server.loop import server_update
+from stamen.server.optimizers.fedavgm import FedAvgM
 
 GLOBAL = {"w": np.zeros((3, 4), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
 CLIP, SIGMA, BETA, LR = 0.5, 2.0, 0.9, 1.0

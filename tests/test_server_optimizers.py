@@ -14,8 +14,8 @@ from flwr.serverapp.strategy import FedYogi as FlwrFedYogi
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.errors import ConfigError, StateError
-from server.strategy import (
+from stamen.common.errors import ConfigError, StateError
+from stamen.server.optimizers import (
     Arrays,
     FedAdam,
     FedAvg,

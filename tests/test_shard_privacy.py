@@ -18,14 +18,14 @@ import torch
 from clientdrive import OneSite
 from opacus.accountants import RDPAccountant
 
-from client.dp import dp_schedule
-from client.ledger import PrivacyLedger
-from client.pool import TrainingPool
-from client.shard_privacy import plan_private_round, shard_ledger_name, spent
-from client.view import SiteView
-from common.config import StamenConfig
-from common.datasets import load_dataset
-from common.state import SiteStore
+from stamen.client.dp import dp_schedule
+from stamen.client.ledger import PrivacyLedger
+from stamen.client.pool import TrainingPool
+from stamen.client.shard_privacy import plan_private_round, shard_ledger_name, spent
+from stamen.client.view import SiteView
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
+from stamen.common.state import SiteStore
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
 BUDGET = 4.0

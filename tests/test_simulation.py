@@ -13,7 +13,7 @@ import pytest
 from conftest import ray_processes
 from safetensors.numpy import load_file
 
-from common.config import KEYS
+from stamen.common.config import KEYS
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import ConfigError, StateError
-from common.state import STATE_SCHEMA_VERSION, SiteStore, atomic_write_bytes
+from stamen.common.errors import ConfigError, StateError
+from stamen.common.state import STATE_SCHEMA_VERSION, SiteStore, atomic_write_bytes
 
 SITE = "site-0001"
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.stop import clear_stop, install_stop_handlers, stop_reason, stop_requested
+from stamen.server.stop import clear_stop, install_stop_handlers, stop_reason, stop_requested
 
 
 @pytest.fixture(autouse=True)

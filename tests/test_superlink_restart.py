@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.loopback import Loopback, digits_shards, read_progress
+from stamen.simulations.bench.loopback import Loopback, digits_shards, read_progress
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from common.config import StamenConfig
-from common.convert import arrays_to_record, record_to_arrays
-from common.errors import ConfigError
-from common.reply import REJECT_REASONS, SiteReply, Status
-from server.loop import server_update
-from server.observe import RoundObserver
-from server.strategy.fedavgm import FedAvgM
-from server.trust import RULES, TrustPolicy, capped_weights, median_of, update_norm
+from stamen.common.config import StamenConfig
+from stamen.common.convert import arrays_to_record, record_to_arrays
+from stamen.common.errors import ConfigError
+from stamen.common.reply import REJECT_REASONS, SiteReply, Status
+from stamen.server.loop import server_update
+from stamen.server.observe import RoundObserver
+from stamen.server.optimizers.fedavgm import FedAvgM
+from stamen.server.trust import RULES, TrustPolicy, capped_weights, median_of, update_norm
 
 GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(5, dtype=np.float32)}
 HONEST = {"w": np.full((4, 5), 0.1, np.float32), "b": np.full(5, 0.1, np.float32)}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from common.convert import arrays_to_record
-from server.observe import model_bytes
-from server.update_stats import change_norm, update_statistics
+from stamen.common.convert import arrays_to_record
+from stamen.server.observe import model_bytes
+from stamen.server.update_stats import change_norm, update_statistics
 
 
 def _model(w: list[float], b: float, steps: int = 0) -> dict[str, np.ndarray]:

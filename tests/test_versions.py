@@ -10,10 +10,10 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from common.errors import StamenError, StateError
-from server.release import export_version, list_versions, pin, promote
-from server.versions import ModelInfo, VersionRegistry, read_releases
-from simulations.cli import app
+from stamen.cli.main import app
+from stamen.common.errors import StamenError, StateError
+from stamen.server.promotion import export_version, list_versions, pin, promote
+from stamen.server.versions import ModelInfo, VersionRegistry, read_releases
 
 MODEL = ModelInfo("cnn8", (1, 8, 8), 10)
 

@@ -1,4 +1,4 @@
-"""continual: class-incremental learning with and without the replay buffer (simulations/continual_bench.py).
+"""continual: class-incremental learning with and without the replay buffer (simulations/bench/split_replay.py).
 
 Split-MNIST on MNIST-5k (quick: Split-digits), run twice through ``stamen simulate``:
 ``replay-size`` 0 and 200. Goal: replay cuts the first task's forgetting at least 3x
@@ -7,8 +7,8 @@ Split-MNIST on MNIST-5k (quick: Split-digits), run twice through ``stamen simula
 
 from __future__ import annotations
 
-from simulations.bench.runner import Context, Goal, Result
-from simulations.continual_bench import run as run_continual
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.split_replay import run as run_continual
 
 SUMMARY = "forgetting of task 1 and final accuracy, class-incremental, replay-size 0 vs 200"
 GOAL = 3.0

@@ -1,4 +1,4 @@
-"""deployed-round: round overhead of a deployed federation on loopback (simulations/deploy_bench.py).
+"""deployed-round: round overhead of a deployed federation on loopback (simulations/bench/round_overhead.py).
 
 A real SuperLink and three real SuperNodes on 127.0.0.1 (TLS, node authentication), MNIST-5k
 split IID, DP off, one local epoch. Overhead = a round's wall time minus the slowest site's
@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from simulations import deploy_bench
-from simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench import round_overhead as deploy_bench
+from stamen.simulations.bench.runner import Context, Goal, Result
 
 SUMMARY = "deployed round overhead on loopback, 3 SuperNodes: stamen after / before / plain Flower"
 GOAL_S = 3.0

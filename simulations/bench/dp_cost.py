@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
-from client.data import load_site_data
-from client.dp import dp_schedule, train_private
-from client.ledger import PrivacyLedger, calibrate_noise
-from common.config import StamenConfig
-from common.models import REGISTRY, build_model
-from common.state import SiteStore
-from simulations.bench.plots import grouped_bars
-from simulations.bench.runner import Context, Goal, Result
-from simulations.bench.runs import BenchError, Run, stamen_simulate
+from stamen.client.data import load_site_data
+from stamen.client.dp import dp_schedule, train_private
+from stamen.client.ledger import PrivacyLedger, calibrate_noise
+from stamen.common.config import StamenConfig
+from stamen.common.models import REGISTRY, build_model
+from stamen.common.state import SiteStore
+from stamen.simulations.bench.plots import grouped_bars
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.runs import BenchError, Run, stamen_simulate
 
 SUMMARY = "seconds per local epoch with DP / without, per model and batch size, inside the federated loop"
 GOAL = 1.5

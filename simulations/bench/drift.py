@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-from common.drift import PSI_ALERT
-from common.identity import site_id_from_node_config
-from simulations.bench.plots import curves
-from simulations.bench.runner import Context, Goal, Result
-from simulations.bench.runs import BenchError, Run, run_all, stamen_simulate
+from stamen.common.drift import PSI_ALERT
+from stamen.common.identity import site_id_from_node_config
+from stamen.simulations.bench.plots import curves
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.runs import BenchError, Run, run_all, stamen_simulate
 
 SUMMARY = "drift scenarios: detection delay and false alarms; client-drift cosine under label skew"
 MAX_DELAY = 2
@@ -187,8 +187,8 @@ def run(ctx: Context) -> Result:
         Goal("cosine(alpha 100) - cosine(alpha 0.1)", 0.1, iid - skewed, ">="),
     ]
     shown = ", ".join(
-        f"{c['scenario']} delay {'never' if c['delay_rounds'] is None else c['delay_rounds']}"
-        f"/{c['false_alarms']} false" for c in cases
+        f"{c['scenario']} delay {'never' if c['delay_rounds'] is None else c['delay_rounds']}/{c['false_alarms']} false"
+        for c in cases
     )
     return Result(
         line=f"{shown}; client-drift cosine alpha 0.1 {skewed:.3f} vs alpha 100 {iid:.3f}",

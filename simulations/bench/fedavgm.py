@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-from simulations.bench.plots import curves, grouped_bars
-from simulations.bench.runner import Context, Goal, Result
-from simulations.bench.runs import Run, run_all, stamen_simulate
+from stamen.simulations.bench.plots import curves, grouped_bars
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.runs import Run, run_all, stamen_simulate
 
 SUMMARY = "rounds to 0.90 test accuracy: FedAvg vs FedAvgM vs FedAdam vs FedYogi over Dirichlet alpha"
 TARGET = 0.90

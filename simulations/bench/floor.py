@@ -2,7 +2,7 @@
 
 Two ways, the faster one is the floor: one process using every core (torch's intra-op
 threads), and one single-thread process per core, each doing its share of the
-(round, site) trainings. Each worker is its own ``python -m simulations.bench.floor``
+(round, site) trainings. Each worker is its own ``python -m stamen.simulations.bench.floor``
 process: it imports torch, loads its sites and runs one warm-up step, says ``ready``,
 waits for ``go`` and reports when done, so the clock covers the SGD steps only (stamen's
 and Flower's figures exclude their start-up too). Aggregation is left out: averaging a
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from common.errors import StamenError
-from common.models import build_model
-from simulations.bench.workload import Workload
+from stamen.common.errors import StamenError
+from stamen.common.models import build_model
+from stamen.simulations.bench.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,14 @@ def _run_workers(w: Workload, processes: int, threads: int, timeout: float) -> t
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "simulations.bench.floor", json.dumps(w.as_dict()), json.dumps(share), str(threads)],
+            [
+                sys.executable,
+                "-m",
+                "stamen.simulations.bench.floor",
+                json.dumps(w.as_dict()),
+                json.dumps(share),
+                str(threads),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

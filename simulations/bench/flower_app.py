@@ -9,7 +9,7 @@ trains the same workload as stamen (same model, sites, batch size, optimizer) on
 simulation engine; its ``evaluate_fn`` is used as the round clock, writing
 ``progress.jsonl`` like stamen, and measures test accuracy once, after the last round.
 
-Run: ``python -m simulations.bench.flower_app SPEC.json`` (SPEC: workload, out, engine).
+Run: ``python -m stamen.simulations.bench.flower_app SPEC.json`` (SPEC: workload, out, engine).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.datasets import load_dataset
-from common.models import build_model, evaluate_model
-from simulations.bench.workload import Workload
+from stamen.common.datasets import load_dataset
+from stamen.common.models import build_model, evaluate_model
+from stamen.simulations.bench.workload import Workload
 
 client_app = ClientApp()
 
@@ -162,6 +162,6 @@ def main(spec: dict[str, Any]) -> int:
 
 if __name__ == "__main__":
     # Ray pickles the ClientApp by reference: it must come from the importable module, not __main__.
-    from simulations.bench import flower_app
+    from stamen.simulations.bench import flower_app
 
     sys.exit(flower_app.main(json.loads(Path(sys.argv[1]).read_text())))

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.runrecord import git_commit, package_versions
-from simulations.bench.periodic import Periodic
+from stamen.common.runrecord import git_commit, package_versions
+from stamen.simulations.bench.periodic import Periodic
 
 
 def _cpu_model() -> str:

@@ -12,11 +12,11 @@ whole process tree.
 
 from __future__ import annotations
 
-from simulations.bench.floor import measure_floor
-from simulations.bench.plots import bar_chart
-from simulations.bench.runner import Context, Goal, Result
-from simulations.bench.runs import BenchError, Run, plain_flower, stamen_simulate
-from simulations.bench.workload import Workload
+from stamen.simulations.bench.floor import measure_floor
+from stamen.simulations.bench.plots import bar_chart
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.runs import BenchError, Run, plain_flower, stamen_simulate
+from stamen.simulations.bench.workload import Workload
 
 SUMMARY = "same local SGD steps: plain PyTorch floor vs stamen vs plain Flower"
 FULL = Workload(clients=10, rounds=20)

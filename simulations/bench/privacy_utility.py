@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-from simulations.bench.plots import curves
-from simulations.bench.runner import Context, Goal, Result
-from simulations.bench.runs import BenchError, Run, run_all, stamen_simulate
+from stamen.simulations.bench.plots import curves
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.runs import BenchError, Run, run_all, stamen_simulate
 
 SUMMARY = "final accuracy at per-site epsilon 1, 3, 8, inf (10 sites, MNIST-5k)"
 DELTA = 1e-5

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from simulations.bench.periodic import Periodic
+from stamen.simulations.bench.periodic import Periodic
 
 PROC = Path("/proc")
 

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-from simulations.bench.plots import curves
-from simulations.bench.runner import Context, Goal, Result
-from simulations.bench.runs import BenchError, Run, run_all, stamen_simulate
+from stamen.simulations.bench.plots import curves
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.runs import BenchError, Run, run_all, stamen_simulate
 
 SUMMARY = "final accuracy with 0..3 of 10 sites attacking (scale x10, sign-flip), per aggregation rule"
 RULES = ("mean", "median", "trimmed-mean", "krum", "multikrum")

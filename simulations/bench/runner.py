@@ -21,23 +21,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.errors import StamenError
-from common.state import atomic_write_bytes, atomic_write_json
-from simulations.bench.machine import LoadSampler, machine_info
-from simulations.bench.report import markdown
-from simulations.bench.runs import ABORT
+from stamen.common.errors import StamenError
+from stamen.common.state import atomic_write_bytes, atomic_write_json
+from stamen.simulations.bench.machine import LoadSampler, machine_info
+from stamen.simulations.bench.report import markdown
+from stamen.simulations.bench.runs import ABORT
 
 #: name -> module, in the order a full run takes them.
 SCENARIOS: dict[str, str] = {
-    "overhead": "simulations.bench.overhead",
-    "dp-cost": "simulations.bench.dp_cost",
-    "fedavgm": "simulations.bench.fedavgm",
-    "privacy-utility": "simulations.bench.privacy_utility",
-    "scale": "simulations.bench.scale",
-    "continual": "simulations.bench.continual",
-    "robustness": "simulations.bench.robustness",
-    "drift": "simulations.bench.drift",
-    "deployed-round": "simulations.bench.deployed_round",
+    "overhead": "stamen.simulations.bench.overhead",
+    "dp-cost": "stamen.simulations.bench.dp_cost",
+    "fedavgm": "stamen.simulations.bench.fedavgm",
+    "privacy-utility": "stamen.simulations.bench.privacy_utility",
+    "scale": "stamen.simulations.bench.scale",
+    "continual": "stamen.simulations.bench.continual",
+    "robustness": "stamen.simulations.bench.robustness",
+    "drift": "stamen.simulations.bench.drift",
+    "deployed-round": "stamen.simulations.bench.deployed_round",
 }
 
 BENCH_SCHEMA_VERSION = 1

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import StamenError
-from simulations.bench.proctree import TreeWatch
+from stamen.common.errors import StamenError
+from stamen.simulations.bench.proctree import TreeWatch
 
 #: Set when a group of parallel runs must end (Ctrl-C, or one of them failed): the others are stopped.
 ABORT = threading.Event()
@@ -158,7 +158,7 @@ def stamen_simulate(
 ) -> Run:
     """``stamen simulate ARGS --out OUT`` as a user runs it, watched."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "simulations", "simulate", *args, "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "stamen", "simulate", *args, "--out", str(out), "--no-progress"]
     cmd += ["--timeout", str(timeout)]
     return watch(cmd, out, timeout=timeout + 120, stop_when=stop_when, memory=memory, logs=(out / "simulation.log",))
 
@@ -169,7 +169,7 @@ def plain_flower(out: Path, workload: dict[str, Any], *, timeout: float = 1800) 
     spec = {"workload": workload, "out": str(out), "cpus_per_client": 1.0, "num_cpus": os.cpu_count() or 1}
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
-    return watch([sys.executable, "-m", "simulations.bench.flower_app", str(spec_path)], out, timeout=timeout)
+    return watch([sys.executable, "-m", "stamen.simulations.bench.flower_app", str(spec_path)], out, timeout=timeout)
 
 
 def run_all(jobs: list[Callable[[], Run]], parallel: int) -> list[Run]:

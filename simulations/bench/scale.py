@@ -19,11 +19,11 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from simulations.bench.floor import seconds_per_epoch
-from simulations.bench.plots import bar_chart
-from simulations.bench.runner import Context, Goal, Result
-from simulations.bench.runs import BenchError, stamen_simulate
-from simulations.bench.workload import Workload
+from stamen.simulations.bench.floor import seconds_per_epoch
+from stamen.simulations.bench.plots import bar_chart
+from stamen.simulations.bench.runner import Context, Goal, Result
+from stamen.simulations.bench.runs import BenchError, stamen_simulate
+from stamen.simulations.bench.workload import Workload
 
 SUMMARY = "100 / 300 / 1000 simulated sites, 10% sampled: peak PSS and time per client call"
 GiB = 2**30

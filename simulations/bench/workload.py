@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from client.data import load_site_data
-from common.config import StamenConfig
-from common.datasets import load_dataset
+from stamen.client.data import load_site_data
+from stamen.common.config import StamenConfig
+from stamen.common.datasets import load_dataset
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from common.errors import ConfigError, StateError
+from stamen.common.errors import ConfigError, StateError
 
 Arrays = dict[str, np.ndarray]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: deploy/tls scripts, the Flower app directory
 BIN = Path(sys.executable).parent
 TLS = ROOT / "deploy" / "tls"
 STOP_GRACE = 15.0
@@ -279,7 +279,7 @@ def _toml(value: object) -> str:
 
 def digits_shards(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n`` IID shards of the digits training split (the split the server evaluates against)."""
-    from common.datasets import load_dataset
+    from stamen.common.datasets import load_dataset
 
     data = load_dataset("digits")
     order = np.random.default_rng(seed).permutation(len(data.y_train))

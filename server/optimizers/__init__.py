@@ -8,13 +8,13 @@ so these optimizers take any aggregate and expose their state explicitly
 (``state_dict``/``load_state_dict``/``reset``). Their updates match Flower 1.41's.
 """
 
-from .base import Arrays, ServerOptimizer
-from .factory import OPTIMIZER_NAMES, make_server_optimizer
-from .fedadam import FedAdam
-from .fedavg import FedAvg
-from .fedavgm import FedAvgM
-from .fedopt import FedOpt
-from .fedyogi import FedYogi
+from stamen.server.optimizers.base import Arrays, ServerOptimizer
+from stamen.server.optimizers.factory import OPTIMIZER_NAMES, make_server_optimizer
+from stamen.server.optimizers.fedadam import FedAdam
+from stamen.server.optimizers.fedavg import FedAvg
+from stamen.server.optimizers.fedavgm import FedAvgM
+from stamen.server.optimizers.fedopt import FedOpt
+from stamen.server.optimizers.fedyogi import FedYogi
 
 __all__ = [
     "OPTIMIZER_NAMES",

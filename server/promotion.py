@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from common.errors import StamenError, StateError
-from common.state import atomic_write_bytes, atomic_write_json
-from server.versions import RELEASES, VERSIONS_DIR, read_index, read_releases
+from stamen.common.errors import StamenError, StateError
+from stamen.common.state import atomic_write_bytes, atomic_write_json
+from stamen.server.versions import RELEASES, VERSIONS_DIR, read_index, read_releases
 
 CARD_SCHEMA_VERSION = 1
 

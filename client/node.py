@@ -42,8 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from common.errors import ConfigError
-from common.identity import validate_site_id
+from stamen.common.errors import ConfigError
+from stamen.common.identity import validate_site_id
 
 log = logging.getLogger("stamen.node")
 
@@ -345,7 +345,7 @@ def _supervise(
     state: dict[str, bool],
 ) -> int:
     """Run tasks while the SuperNode lives; start it again while the SuperLink refuses it."""
-    from client.executor import WarmExecutor
+    from stamen.client.executor import WarmExecutor
 
     first = time.monotonic()
     executor = WarmExecutor(f"127.0.0.1:{settings.runtime_port}", secret, settings.torch_threads)

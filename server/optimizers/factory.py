@@ -1,12 +1,11 @@
 """Build a server optimizer from run-config values."""
 
-from common.errors import ConfigError
-
-from .base import ServerOptimizer, check_positive, check_unit_interval
-from .fedadam import FedAdam
-from .fedavg import FedAvg
-from .fedavgm import FedAvgM
-from .fedyogi import FedYogi
+from stamen.common.errors import ConfigError
+from stamen.server.optimizers.base import ServerOptimizer, check_positive, check_unit_interval
+from stamen.server.optimizers.fedadam import FedAdam
+from stamen.server.optimizers.fedavg import FedAvg
+from stamen.server.optimizers.fedavgm import FedAvgM
+from stamen.server.optimizers.fedyogi import FedYogi
 
 OPTIMIZER_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 

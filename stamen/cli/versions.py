@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import StamenError
-from server.release import export_version, list_versions, pin, promote
-from simulations.console import clean_errors, console
+from stamen.cli.console import clean_errors, console
+from stamen.common.errors import StamenError
+from stamen.server.promotion import export_version, list_versions, pin, promote
 
 versions_app = typer.Typer(
     no_args_is_help=True, help="A run's model versions: list, export with a model card, pin or promote a release."

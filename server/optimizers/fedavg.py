@@ -1,6 +1,6 @@
 """Federated averaging with a server learning rate."""
 
-from .base import Arrays, ServerOptimizer, check_positive
+from stamen.server.optimizers.base import Arrays, ServerOptimizer, check_positive
 
 
 class FedAvg(ServerOptimizer):

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.errors import StamenError
-from simulations.cli import run_simulate_command
+from stamen.cli.main import run_simulate_command
+from stamen.common.errors import StamenError
 
 REPLAY_SIZE = 200
 SETTINGS = {False: ("split-mnist", 5), True: ("split-digits", 3)}

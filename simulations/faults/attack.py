@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from client.data import SiteData
-from common.config import StamenConfig
-from common.errors import ConfigError
-from common.state import SiteStore
+from stamen.client.data import SiteData
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError
+from stamen.common.state import SiteStore
 
 Arrays = dict[str, np.ndarray]
 STALE_ENTRY = "attack-stale"

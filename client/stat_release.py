@@ -3,7 +3,7 @@
 Anything a DP site sends that is computed from its records (its example count, label
 histograms, feature statistics) goes through :func:`released`: Gaussian noise of
 ``noise_multiplier * l2_sensitivity`` is added to the exact values, the release is
-charged to the site's :class:`~client.ledger.PrivacyLedger` (one Gaussian mechanism at
+charged to the site's :class:`~stamen.client.ledger.PrivacyLedger` (one Gaussian mechanism at
 that noise multiplier), and the noisy values are cached in the site's store keyed by
 ``(key, fingerprint)``. Sending the same statistic of the same data again re-sends the
 cached values — post-processing, free — so a site pays once per data version, not once
@@ -18,9 +18,9 @@ import math
 import numpy as np
 import torch
 
-from client.ledger import OverBudget, PrivacyLedger
-from common.errors import ConfigError
-from common.state import SiteStore
+from stamen.client.ledger import OverBudget, PrivacyLedger
+from stamen.common.errors import ConfigError
+from stamen.common.state import SiteStore
 
 RELEASES_ENTRY = "releases"
 
@@ -51,7 +51,7 @@ def released(
 
     ``l2_sensitivity`` bounds how far the vector moves when one record is added or removed
     (a histogram of one value per record: 1). A new release that would take the ledger
-    past ``budget`` (at ``delta``) raises :class:`~client.ledger.OverBudget` and spends
+    past ``budget`` (at ``delta``) raises :class:`~stamen.client.ledger.OverBudget` and spends
     nothing. The ledger is charged and persisted before the noisy values are stored or
     returned, so a crash can only over-count.
     """

@@ -25,11 +25,11 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.config import StamenConfig, parse_assignment
-from common.errors import StamenError
-from simulations import deploy_cli
-from simulations.console import clean_errors, console, show_warnings
-from simulations.versions_cli import versions_app
+from stamen.cli import deploy as deploy_cli
+from stamen.cli.console import clean_errors, console, show_warnings
+from stamen.cli.versions import versions_app
+from stamen.common.config import StamenConfig, parse_assignment
+from stamen.common.errors import StamenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="stamen: federated continual learning on Flower.")
 app.add_typer(versions_app, name="versions")
@@ -37,11 +37,11 @@ app.add_typer(versions_app, name="versions")
 
 def preflight(cfg: StamenConfig, clients: int) -> None:
     """Load and partition the data now, so bad input fails before any engine starts."""
-    from common.datasets import load_dataset
-    from common.partition import partition_indices
-    from common.runrecord import derive_seeds
-    from common.scenario import scenario_of
-    from server.evaluate import load_server_data
+    from stamen.common.datasets import load_dataset
+    from stamen.common.partition import partition_indices
+    from stamen.common.runrecord import derive_seeds
+    from stamen.common.scenario import scenario_of
+    from stamen.server.evaluate import load_server_data
 
     if clients < 1:
         raise StamenError(f"--clients must be >= 1, got {clients}")
@@ -92,7 +92,7 @@ def check_metrics_address(cfg: StamenConfig) -> None:
 
 def with_scenario_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` on top of its scenario's ``run-config``, the scenario given as a bundled name or an absolute path."""
-    from common.scenario import BUNDLED_DIR, load_scenario, resolve_path
+    from stamen.common.scenario import BUNDLED_DIR, load_scenario, resolve_path
 
     spec = str(raw.get("scenario", "")).strip()
     if not spec:
@@ -170,7 +170,7 @@ def run_simulation_process(
     progress_file = out_dir / "progress.jsonl"
     with open(log_path, "ab" if append_log else "wb") as log_fh, _Signals() as signals:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simulations.engine", str(spec_path)],
+            [sys.executable, "-m", "stamen.simulations.engine", str(spec_path)],
             stdout=log_fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -218,7 +218,7 @@ def run_simulation_process(
 
 def run_simulate_command(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """``stamen simulate ARGS --out OUT`` in a child process, exactly as a user runs it (benchmarks, tests)."""
-    command = [sys.executable, "-m", "simulations", "simulate", *args, "--out", str(out), "--no-progress"]
+    command = [sys.executable, "-m", "stamen", "simulate", *args, "--out", str(out), "--no-progress"]
     return subprocess.run(
         [*command, "--timeout", str(timeout)],
         capture_output=True,
@@ -331,7 +331,7 @@ def simulate(
         "num_cpus": os.cpu_count() or 1,
     }
     if cfg["metrics-port"]:
-        from server.exporter import metrics_url
+        from stamen.server.exporter import metrics_url
 
         typer.echo(f"stamen: metrics at {metrics_url(cfg)} while the simulation runs")
     started = time.monotonic()
@@ -347,7 +347,7 @@ def simulate(
         if (out_dir / "checkpoints").is_dir():
             console.print(f"its checkpoints are kept; continue with: stamen simulate --resume {out_dir}")
         raise typer.Exit(1)
-    from simulations.plots import plot_run
+    from stamen.simulations.plots import plot_run
 
     summary = json.loads(summary_path.read_text())
     plot_run(summary, out_dir)
@@ -374,7 +374,7 @@ def resumed_config(run_dir: Path, overrides: dict[str, Any], clients: int | None
     The config is the newest valid checkpoint's, with ``overrides`` on top (only keys that
     do not change what the state means); the site count is the original run's.
     """
-    from server.checkpoint import CheckpointStore, config_changes
+    from stamen.server.checkpoint import CheckpointStore, config_changes
 
     run_dir = run_dir.expanduser().resolve()
     spec_path = run_dir / "simulation.json"
@@ -408,7 +408,7 @@ def lr_find(
     set_: Annotated[list[str] | None, typer.Option("--set", help="run-config key=value; repeatable")] = None,
 ) -> None:
     """Learning-rate range test on one site's data; prints a suggested --lr."""
-    from simulations.lr_find import lr_range_test
+    from stamen.simulations.lr_find import lr_range_test
 
     raw: dict[str, Any] = {"dataset": dataset}
     raw.update(parse_assignment(item) for item in set_ or [])
@@ -426,7 +426,7 @@ def lr_find(
 @clean_errors
 def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory with summary.json")]) -> None:
     """Redraw a run's PNG plots from its summary.json."""
-    from simulations.plots import plot_run
+    from stamen.simulations.plots import plot_run
 
     path = run_dir / "summary.json"
     if not path.exists():
@@ -443,7 +443,7 @@ def bench(
     quick: Annotated[bool, typer.Option(help="every scenario at reduced size, a few minutes in all")] = False,
 ) -> None:
     """Benchmarks: stamen against the compute floor, plain Flower and its goals (DIR/bench.json)."""
-    from simulations.bench.runner import run_bench
+    from stamen.simulations.bench.runner import run_bench
 
     out_dir = out or Path("runs", "bench-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
     results = run_bench(scenarios or [], out_dir, quick=quick, echo=typer.echo)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .fedopt import FedOpt
+from stamen.server.optimizers.fedopt import FedOpt
 
 
 class FedYogi(FedOpt):

@@ -9,9 +9,9 @@ Richer scenarios (covariate shift, concept drift, streams) are the scenario file
 
 from __future__ import annotations
 
-from client.data import SiteData
-from common.config import StamenConfig
-from common.errors import ConfigError
+from stamen.client.data import SiteData
+from stamen.common.config import StamenConfig
+from stamen.common.errors import ConfigError
 
 
 def shifted_sites(cfg: StamenConfig) -> set[str]:

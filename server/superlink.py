@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import ConfigError
-from simulations.node import check_private, flower_binary, readable_file
+from stamen.client.node import check_private, flower_binary, readable_file
+from stamen.common.errors import ConfigError
 
 
 @dataclass

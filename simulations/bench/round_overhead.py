@@ -1,4 +1,4 @@
-"""Round overhead of a deployed federation on loopback: ``python -m simulations.deploy_bench``.
+"""Round overhead of a deployed federation on loopback: ``python -m stamen.simulations.bench.round_overhead``.
 
 Three sites on this machine (``simulations.loopback``: TLS, node authentication), MNIST-5k
 split IID, DP off, no federated evaluation, a few rounds. For every round after the first
@@ -16,7 +16,7 @@ Three set-ups, same machine, same data split:
   ``flwr-clientapp`` process per message, the server looking for replies every 3 s); stamen's
   ClientApp does not log its compute there, so pass the warm run's figure with ``--compute``;
 - ``--app quickstart``: a plain Flower app in the pattern of Flower's PyTorch quickstart
-  (simulations/quickstart), Flower's executor and round loop; its ClientApp prints its
+  (simulations/bench/quickstart), Flower's executor and round loop; its ClientApp prints its
   training time.
 """
 
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.datasets import load_dataset
-from simulations.bench.runs import BenchError
-from simulations.loopback import Loopback, read_progress
+from stamen.common.datasets import load_dataset
+from stamen.simulations.bench.loopback import ROOT, Loopback, read_progress
+from stamen.simulations.bench.runs import BenchError
 
 QUICKSTART = Path(__file__).resolve().parent / "quickstart"
 TASK = re.compile(
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                       "holdout-fraction": 0.0, "round-timeout": 600.0, "reply-poll-interval": args.reply_poll,
                       "min-available-sites": args.sites, "lr-schedule": "constant"}  # fmt: skip
         t0 = time.monotonic()
-        proc = fed.flwr_run(config, app=QUICKSTART if args.app == "quickstart" else Path(__file__).parents[1])
+        proc = fed.flwr_run(config, app=QUICKSTART if args.app == "quickstart" else ROOT)
         code = proc.popen.wait(timeout=args.timeout)
         wall = time.monotonic() - t0
         logs = [n.log.read_text(errors="replace") for n in nodes]

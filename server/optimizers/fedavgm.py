@@ -1,6 +1,6 @@
 """Federated averaging with server momentum (FedAvgM), optionally Nesterov."""
 
-from .base import Arrays, ServerOptimizer, check_positive, check_unit_interval
+from stamen.server.optimizers.base import Arrays, ServerOptimizer, check_positive, check_unit_interval
 
 
 class FedAvgM(ServerOptimizer):

@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from simulations.node import EXECUTORS, NodeSettings, check, node_assignment, run_node, supernode_command
-from simulations.superlink import SuperLinkSettings, superlink_command
+from stamen.client.node import EXECUTORS, NodeSettings, check, node_assignment, run_node, supernode_command
+from stamen.server.superlink import SuperLinkSettings, superlink_command
 
 
 def _opt(help_text: str, env: str) -> typer.models.OptionInfo:

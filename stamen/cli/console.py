@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from common.errors import StamenError
+from stamen.common.errors import StamenError
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])

@@ -4,7 +4,7 @@ from abc import abstractmethod
 
 import numpy as np
 
-from .base import Arrays, ServerOptimizer, check_positive, check_unit_interval
+from stamen.server.optimizers.base import Arrays, ServerOptimizer, check_positive, check_unit_interval
 
 
 class FedOpt(ServerOptimizer):

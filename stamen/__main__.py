@@ -1,0 +1,5 @@
+"""``python -m stamen`` is the ``stamen`` command."""
+
+from stamen.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``stamen`` command line: one front door (:mod:`stamen.cli.main`) with a subcommand per job."""
