@@ -27,7 +27,7 @@ from stamen.client.shard_privacy import ShardLedgers, plan_private_round, spent
 from stamen.client.sources import site_view
 from stamen.client.train import pick_device, round_seed, train_local
 from stamen.client.view import SiteView
-from stamen.common.config import KEY_BY_NAME, StamenConfig
+from stamen.common.config import StamenConfig
 from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from stamen.common.errors import ConfigError, StamenError
 from stamen.common.identity import site_id_from_node_config
@@ -62,7 +62,7 @@ class Instruction:
         self.model_name = str(raw.pop("model-name", "auto"))
         self.input_shape = tuple(int(v) for v in raw.pop("model-input-shape", []))
         self.num_classes = int(raw.pop("model-num-classes", 0))
-        self.cfg = StamenConfig.from_mapping({k: v for k, v in raw.items() if k in KEY_BY_NAME})
+        self.cfg = StamenConfig.for_site(raw)
         self.site_id = site_id_from_node_config(context.node_config)
         self.node_config = context.node_config
         self.arrays = (

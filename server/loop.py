@@ -215,7 +215,7 @@ class Federation(ContinualRun):
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
-            **self.cfg.as_dict(),
+            **self.cfg.site_dict(),  # only the sections a site needs: server-only keys stay here
             "state-dir": self.state_dir,
             "server-round": server_round,
             "model-name": self.model_name,

@@ -14,7 +14,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from stamen.cli.main import run_simulate_command
+from stamen.simulations.run import run_simulate_command
 
 
 @pytest.fixture
