@@ -196,11 +196,6 @@ def _drift(ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger
     )
 
 
-def _budget(ins: Instruction) -> float:
-    """The site's epsilon budget: a node's own ``epsilon-budget`` overrides the run's."""
-    return float(ins.node_config.get("epsilon-budget", ins.cfg.epsilon_budget))
-
-
 def _sent_arrays(ins: Instruction, model: torch.nn.Module, store: SiteStore) -> ArrayRecord:
     """The trained model as sent: honest, or transformed by a simulation's poisoning scenario."""
     arrays = model_to_arrays(model)
@@ -260,6 +255,11 @@ def _train_private(
     if not ins.public_stats:
         del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
+
+
+def _budget(ins: Instruction) -> float:
+    """The site's epsilon budget: a node's own ``epsilon-budget`` overrides the run's."""
+    return float(ins.node_config.get("epsilon-budget", ins.cfg.epsilon_budget))
 
 
 @app.evaluate()
