@@ -19,11 +19,11 @@ from flwr.clientapp import ClientApp
 
 from stamen.client.dp import train_private
 from stamen.client.drift import site_drift
-from stamen.client.ledger import OverBudget, PrivacyLedger
+from stamen.client.ledger import Ledger, PrivacyRefusal
 from stamen.client.pool import TrainingPool
+from stamen.client.privacy import SitePrivacy
 from stamen.client.replay import ReplayBuffer
-from stamen.client.resend import SentUpdates, update_digest
-from stamen.client.shard_privacy import ShardLedgers, plan_private_round, spent
+from stamen.client.resend import update_digest
 from stamen.client.sources import site_view
 from stamen.client.train import pick_device, round_seed, train_local
 from stamen.client.view import SiteView
@@ -150,7 +150,11 @@ def train(msg: Message, context: Context) -> Message:
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
         if ins.cfg["dp"]:
-            reply = _train_private(msg, ins, view, pool, model, store, seed, device)
+            try:
+                reply = _train_private(msg, ins, view, pool, model, store, seed, device)
+            except PrivacyRefusal as exc:
+                log.info("site %s round %d refused (%s): %s", ins.site_id, ins.server_round, exc.code, exc)
+                reply = make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
         else:
             result = train_local(
                 model, pool.x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device
@@ -171,9 +175,7 @@ def _trained(reply: Message) -> bool:
     return "arrays" in reply.content.array_records
 
 
-def _drift(
-    ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger: PrivacyLedger | ShardLedgers | None
-) -> dict[str, float]:
+def _drift(ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger: Ledger | None) -> dict[str, float]:
     """This round's data-drift scores of the site's current data (a DP site's histograms are
     charged releases); none when the site has no current data (it trains on replayed records only)."""
     if data.num_train == 0:
@@ -189,7 +191,7 @@ def _drift(
         ledger=ledger,
         noise_multiplier=float(cfg["dp-stats-noise"]),
         seed=seed,
-        budget=float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget)),
+        budget=_budget(ins),
         delta=float(cfg["delta"]),
     )
 
@@ -224,28 +226,16 @@ def _train_private(
     seed: int,
     device: torch.device,
 ) -> Message:
-    """A DP-SGD round: refuse if it would overspend, else train and charge the ledger(s) first.
+    """A DP-SGD round through the site's privacy front door (:class:`client.privacy.SitePrivacy`).
 
-    Which ledgers a round charges, and which data it may use, is the privacy policy's
-    (:mod:`client.shard_privacy`). Statistics are released (and charged) before the round
-    is planned, so the plan sees everything already spent. Ledger entries are written
-    (atomically) before the reply is built, so a crash can never under-count what was
-    spent. A node's own ``epsilon-budget`` overrides the run's.
+    Statistics are released (and charged) before the round is planned, so the plan sees
+    everything already spent; the executed steps are charged before the reply is built.
+    A round the budget cannot pay for raises :class:`PrivacyRefusal`.
     """
     cfg = ins.cfg
-    budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
-    try:
-        drift = _drift(ins, view, store, seed, _statistics_ledger(store, cfg, view))
-    except OverBudget as exc:
-        if cfg["privacy-policy"] == "refuse":
-            return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
-        log.info("site %s: no drift scores this round (a shard cannot pay for them): %s", ins.site_id, exc)
-        drift = {}
-    plan = plan_private_round(pool, store, cfg, budget, seed)
-    if isinstance(plan, str):
-        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=plan)
-    if plan.excluded:
-        log.info("site %s: shards out of budget left out: %s", ins.site_id, ", ".join(sorted(plan.excluded)))
+    privacy = SitePrivacy(store, cfg, _budget(ins))
+    drift = privacy.release_statistics(view.shard_names, lambda ledger: _drift(ins, view, store, seed, ledger))
+    plan = privacy.plan(pool, seed)
     result = train_private(
         model,
         plan.pool.x,
@@ -259,39 +249,17 @@ def _train_private(
         planned_examples=plan.count,
         accountant_name=str(cfg["accountant"]),
     )
-    # A redone round (the server resumed from an older checkpoint) re-sends the identical
-    # update: already charged, so not charged again (client/resend.py). Charge, then record.
-    sent = SentUpdates(store)
-    digest = update_digest(model_to_arrays(model), result.metrics())
-    if digest in sent:
-        log.info("site %s round %d: identical update already sent and charged", ins.site_id, ins.server_round)
-    else:
-        plan.commit(result)
-        sent.add(digest)
+    privacy.charge(plan, result, update_digest(model_to_arrays(model), result.metrics()))
     _record_participation(store, ins, result.num_examples)
-    epsilon, ledger = spent(store, cfg)
-    metrics = {
-        **result.metrics(),
-        **drift,
-        "num-examples": plan.count,
-        "epsilon": epsilon,
-        "noise-multiplier": plan.noise_multiplier,
-        "sample-rate": result.sample_rate,
-        "ledger-steps": ledger.steps,
-        "ledger-rounds": ledger.rounds,
-        "ledger-releases": len(ledger.releases),
-    }
+    metrics = {**result.metrics(), **drift, **privacy.report(plan, result)}
     if not ins.public_stats:
         del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
 
 
-def _statistics_ledger(store: SiteStore, cfg: StamenConfig, view: SiteView) -> PrivacyLedger | ShardLedgers:
-    """Who pays for releasing statistics of the current data: the site's ledger, or every shard in it."""
-    accountant = str(cfg["accountant"])
-    if cfg["privacy-policy"] == "refuse":
-        return PrivacyLedger.load(store, accountant)
-    return ShardLedgers.load(store, accountant, view.shard_names)
+def _budget(ins: Instruction) -> float:
+    """The site's epsilon budget: a node's own ``epsilon-budget`` overrides the run's."""
+    return float(ins.node_config.get("epsilon-budget", ins.cfg.epsilon_budget))
 
 
 @app.evaluate()
