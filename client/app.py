@@ -5,17 +5,25 @@ the round (``config``); the reply follows :mod:`common.reply`. Anything a site m
 between rounds or across restarts goes to its state store (:mod:`common.state`), never
 to process memory alone. The per-process caches here (data, model object) only save
 work; losing them loses nothing.
+
+``app`` is the production ClientApp: it knows nothing of fault injection and refuses any
+instruction that sets a simulation-only key (:func:`refuse_simulation_only`). The
+simulation engine builds its own app with :func:`make_client_app`, whose two seams are a
+``data_transform`` (the site's training data as the round trains on it) and Flower mods
+around every message (see ``simulations/faults/layer.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from stamen.client.dp import train_private
 from stamen.client.drift import site_drift
@@ -27,7 +35,7 @@ from stamen.client.resend import update_digest
 from stamen.client.sources import site_view
 from stamen.client.train import pick_device, round_seed, train_local
 from stamen.client.view import SiteView
-from stamen.common.config import StamenConfig
+from stamen.common.config import SIMULATION_ONLY, StamenConfig
 from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from stamen.common.errors import ConfigError, StamenError
 from stamen.common.identity import site_id_from_node_config
@@ -36,11 +44,8 @@ from stamen.common.models import build_model, evaluate_model
 from stamen.common.reply import Status, make_reply
 from stamen.common.runrecord import derive_seeds
 from stamen.common.state import SiteStore
-from stamen.simulations.faults.attack import attack_of, poison_data, poison_update
-from stamen.simulations.faults.label_shift import apply_label_shift
 
 log = logging.getLogger("stamen.client")
-app = ClientApp()
 
 
 @lru_cache(maxsize=4)
@@ -119,7 +124,6 @@ def _error_reply(msg: Message, context: Context, exc: StamenError) -> Message:
     return make_reply(msg, _site_id_or_unknown(context), Status.ERROR, reason=str(exc))
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """Identity handshake: who this site is and (with DP off) how much data it holds."""
     try:
@@ -134,14 +138,22 @@ def query(msg: Message, context: Context) -> Message:
         return _error_reply(msg, context, exc)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round of local SGD from the global model; reply with the local model."""
+DataTransform = Callable[[SiteView, Instruction], SiteView]
+"""What a round trains on, given the site's current data and the instruction (a simulation seam)."""
+
+
+def train(msg: Message, context: Context, data_transform: DataTransform | None = None) -> Message:
+    """One round of local SGD from the global model; reply with the local model.
+
+    ``data_transform`` (simulation only, see :func:`make_client_app`) replaces the site's
+    current data before anything uses it: the replay buffer, training and drift scores.
+    """
     try:
         ins = Instruction(msg, context)
         store = ins.store()
-        view = apply_label_shift(ins.view(ingest=True), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
-        view = poison_data(view, attack_of(ins.cfg, ins.node_config), ins.num_classes)
+        view = ins.view(ingest=True)
+        if data_transform is not None:
+            view = data_transform(view, ins)
         replay = ins.replay(store)
         pool = TrainingPool.build(view, replay.replay(view) if replay else None)
         if len(pool) == 0:
@@ -197,13 +209,8 @@ def _drift(ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger
 
 
 def _sent_arrays(ins: Instruction, model: torch.nn.Module, store: SiteStore) -> ArrayRecord:
-    """The trained model as sent: honest, or transformed by a simulation's poisoning scenario."""
-    arrays = model_to_arrays(model)
-    if ins.arrays is not None:
-        arrays = poison_update(
-            attack_of(ins.cfg, ins.node_config), ins.arrays, arrays, float(ins.cfg["attack-scale"]), store
-        )
-    return arrays_to_record(arrays)
+    """The trained model as sent (a simulation's poisoning, if any, is a mod around the app)."""
+    return arrays_to_record(model_to_arrays(model))
 
 
 def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
@@ -262,7 +269,6 @@ def _budget(ins: Instruction) -> float:
     return float(ins.node_config.get("epsilon-budget", ins.cfg.epsilon_budget))
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
@@ -286,3 +292,47 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     except StamenError as exc:
         return _error_reply(msg, context, exc)
+
+
+def refuse_simulation_only(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """The production app's guard (a Flower mod): a run that sets a fault-injection key gets an
+    error reply naming it, and nothing is trained, evaluated or counted.
+
+    Only ``stamen simulate`` applies these keys (simulations/faults); a node running this app
+    would otherwise ignore them silently, or, were they ever applied here, let a run config
+    poison a deployment.
+    """
+    record = msg.content.config_records.get("config")
+    raw = {k: v for k, v in (record or {}).items() if k in SIMULATION_ONLY}
+    try:
+        refused = StamenConfig.from_mapping(raw).simulation_only_set()
+    except StamenError as exc:
+        return _error_reply(msg, context, exc)
+    if refused:
+        names = ", ".join(f"'{k}'" for k in refused)
+        return _error_reply(
+            msg,
+            context,
+            ConfigError(
+                f"run config {names} is simulation-only (fault injection, applied by stamen simulate): "
+                "this node refuses the instruction"
+            ),
+        )
+    return call_next(msg, context)
+
+
+def make_client_app(data_transform: DataTransform | None = None, mods: Sequence[Mod] | None = None) -> ClientApp:
+    """A stamen ClientApp; the production ``app`` is ``make_client_app()``.
+
+    ``mods`` wrap every message (Flower's ClientApp mods); without them the app refuses
+    simulation-only keys. A simulation layer that applies those keys passes its own mods and
+    ``data_transform`` instead (``simulations/faults/layer.py``).
+    """
+    client_app = ClientApp(mods=list(mods) if mods is not None else [refuse_simulation_only])
+    client_app.query()(query)
+    client_app.train()(train if data_transform is None else partial(train, data_transform=data_transform))
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = make_client_app()

@@ -29,6 +29,9 @@ class Key:
     help: str
     check: Callable[[Any], bool] | None = None
     expect: str = ""
+    # A fault-injection key: only ``stamen simulate`` (simulations/faults) applies it; the
+    # production ServerApp and ClientApp refuse a run that sets it to anything but its default.
+    simulation_only: bool = False
 
 
 def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
@@ -139,7 +142,8 @@ KEYS: tuple[Key, ...] = (
         "server-lr-spike",
         str,
         "",
-        "rehearse a rollback: multiply the server step by F in rounds A..B, as 'A-B:F' ('' = off)",
+        "simulation only: rehearse a rollback, multiplying the server step by F in rounds A..B, as 'A-B:F' ('' = off)",
+        simulation_only=True,
     ),
     # --- data ---------------------------------------------------------------------
     Key("dataset", str, "mnist5k", "digits | mnist5k | npz:PATH | csv:PATH | hf:NAME"),
@@ -308,11 +312,26 @@ KEYS: tuple[Key, ...] = (
         "attack",
         str,
         "none",
-        "what the attacking sites do",
+        "simulation only: what the attacking sites do",
         *_choice("none", "sign-flip", "scale", "label-flip", "nan", "stale"),
+        simulation_only=True,
     ),
-    Key("attack-sites", str, "", "attacking partitions: a count N (partitions 0..N-1) or a list like '2,5'"),
-    Key("attack-scale", float, 10.0, "factor of scale and sign-flip attacks", _pos, "> 0"),
+    Key(
+        "attack-sites",
+        str,
+        "",
+        "simulation only: attacking partitions, a count N (partitions 0..N-1) or a list like '2,5'",
+        simulation_only=True,
+    ),
+    Key(
+        "attack-scale",
+        float,
+        10.0,
+        "simulation only: factor of scale and sign-flip attacks",
+        _pos,
+        "> 0",
+        simulation_only=True,
+    ),
     # --- server optimizer ---------------------------------------------------------------
     Key("strategy", str, "fedavgm", "server optimizer", *_choice("fedavg", "fedavgm", "fedadam", "fedyogi")),
     Key("server-lr", float, 1.0, "server learning rate (eta for fedadam/fedyogi)", _pos, "> 0"),
@@ -345,11 +364,26 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("drift-ph-threshold", float, 0.5, "Page-Hinkley threshold on a loss, in nats", _pos, "> 0"),
     Key("drift-ph-delta", float, 0.005, "Page-Hinkley tolerated rise per round, in nats", _nonneg, ">= 0"),
-    Key("label-shift-round", int, 0, "inject a label shift from this round (0 = off)", lambda v: v >= 0, ">= 0"),
-    Key("label-shift-sites", str, "", "comma-separated site-ids that get the label shift"),
+    Key(
+        "label-shift-round",
+        int,
+        0,
+        "simulation only: inject a label shift from this round (0 = off)",
+        lambda v: v >= 0,
+        ">= 0",
+        simulation_only=True,
+    ),
+    Key(
+        "label-shift-sites",
+        str,
+        "",
+        "simulation only: comma-separated site-ids that get the label shift",
+        simulation_only=True,
+    ),
 )
 
 KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+SIMULATION_ONLY: tuple[str, ...] = tuple(k.name for k in KEYS if k.simulation_only)
 
 #: Where each section of the table begins (table order); a section runs to the next one's start.
 _SECTION_STARTS = {
@@ -514,6 +548,10 @@ class StamenConfig:
         if self.readable is not None and name not in self.readable:
             raise ConfigError(f"run config '{name}' is a server-side key ({SECTION_OF[name]}); sites are not sent it")
         return self.values[name]
+
+    def simulation_only_set(self) -> list[str]:
+        """The simulation-only (fault-injection) keys this run sets to anything but their default."""
+        return [name for name in SIMULATION_ONLY if self[name] != KEY_BY_NAME[name].default]
 
     def replace(self, **changes: Scalar) -> StamenConfig:
         """A copy with some keys changed (keys use underscores here)."""

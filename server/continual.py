@@ -26,7 +26,7 @@ from stamen.server.dp_fedavg import DPFedAvg
 from stamen.server.evaluate import ServerData
 from stamen.server.optimizers.base import ServerOptimizer
 from stamen.server.outputs import RunOutputs
-from stamen.server.rollback import DivergenceRule, spiked_step
+from stamen.server.rollback import DivergenceRule
 from stamen.server.sites import SiteDirectory
 from stamen.server.versions import ModelInfo, VersionRegistry
 
@@ -86,12 +86,8 @@ class ContinualRun:
                 "resume-from, or give this run another out-dir"
             )
 
-    def _new_version(self, server_round: int, before: dict[str, np.ndarray], contributors: list[str]) -> None:
-        """The round aggregated a new model: number it (and apply a rehearsal spike, if configured)."""
-        spike = self.cfg.server_lr_spike
-        if spike and spike[0] <= server_round <= spike[1]:
-            log.warning("round %d: server step multiplied by %g (server-lr-spike rehearsal)", server_round, spike[2])
-            self.arrays = spiked_step(before, self.arrays, spike[2])
+    def _new_version(self, contributors: list[str]) -> None:
+        """The round aggregated a new model: number it."""
         self.pending = {"parent": self.version, "contributors": sorted(contributors)}
         self.version = max(self.version, self.registry.highest) + 1
 

@@ -315,7 +315,7 @@ class Federation(ContinualRun):
             self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12), self.trust
         )
         row.update(self.observer.updates(before, screened.good, self.arrays))
-        self._new_version(server_round, before, [r.site_id for r in screened.good])
+        self._new_version([r.site_id for r in screened.good])
         if self.server_dp is not None:
             row["server_epsilon"] = self.server_dp.epsilon(float(self.cfg["delta"]))
         row["updated"] = True
