@@ -41,6 +41,13 @@ class RunOutputs:
         with open(self.dir / "progress.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def state_dict(self) -> dict[str, Any]:
+        """The history rows so far (a resumed run rewrites its files from them)."""
+        return {"rows": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restore(state["rows"])
+
     def restore(self, history: list[dict[str, Any]]) -> None:
         """Continue a resumed run: its history up to the checkpoint, rounds after it dropped."""
         self.history = [dict(row) for row in history]
