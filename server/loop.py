@@ -108,6 +108,9 @@ def screen_round(
         else:
             out.good.append(reply)
     out.missing = len(addressed) - len(seen)
+    # Site-id order, not arrival order: every figure summed over replies (weighted means,
+    # update statistics, detections) then comes out the same in a resumed run.
+    out.good.sort(key=lambda r: r.site_id)
     return out
 
 

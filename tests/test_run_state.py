@@ -197,3 +197,17 @@ def test_exporter_counters_continue_after_a_resume() -> None:
     again.load_state_dict(ex.state_dict())
     assert again.state_dict() == ex.state_dict()
     assert again.labels("site-0001") == "other" and again.labels("site-0000") == "site-0000"
+
+
+def test_history_csv_keeps_its_column_order_across_a_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fed = _federation(out)
+    fed.outputs.add_round({"round": 1, "sampled": 2, "loss": 1.0})
+    fed.outputs.add_round({"round": 2, "sampled": 2, "loss": 0.9, "rolled_back_to": 1, "accuracy": 0.5})
+    header = (out / "history.csv").read_text().splitlines()[0]
+    assert header == "round,sampled,loss,rolled_back_to,accuracy"
+    fed._save_checkpoint(2, elapsed=1.0)
+    (out / "history.csv").unlink()
+    again = _federation(out, **{"resume-from": str(out)})
+    assert (out / "history.csv").read_text().splitlines()[0] == header
+    assert again.outputs.history == fed.outputs.history
