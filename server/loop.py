@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -108,6 +108,9 @@ def screen_round(
         else:
             out.good.append(reply)
     out.missing = len(addressed) - len(seen)
+    # Site-id order, not arrival order: every figure summed over replies (weighted means,
+    # update statistics, detections) then comes out the same in a resumed run.
+    out.good.sort(key=lambda r: r.site_id)
     return out
 
 
@@ -150,7 +153,31 @@ def _weighted(replies: list[SiteReply], key: str) -> float:
 
 
 class Federation(ContinualRun):
-    """One federated run, from the initial model to the summary."""
+    """One federated run, from the initial model to the summary.
+
+    Every attribute is either run state, registered in ``self.state`` (:meth:`_register_state`),
+    or named in :attr:`TRANSIENT` with the reason it need not be saved (tests/test_run_state.py).
+    """
+
+    TRANSIENT: ClassVar[dict[str, str]] = {
+        "grid": "the engine's connection, new in every process",
+        "cfg": "saved as the checkpoint's config, compared on resume",
+        "seeds": "derived from the config's seed",
+        "on_round": "a callback",
+        "data": "loaded from the config",
+        "model_name": "from the config; the model part checks it",
+        "model": "scratch module, loaded from the global model's arrays before each evaluation",
+        "poisson": "from the config",
+        "trust": "a frozen policy built from the config",
+        "state_dir": "from the config",
+        "scenario": "from the config",
+        "tasks": "rebuilt from the restored history rows",
+        "pending": "set and consumed within one round",
+        "checkpoints": "the checkpoint store itself",
+        "start_round": "the checkpoint's round + 1",
+        "elapsed_before": "the saved elapsed time",
+        "state": "the run-state registry itself",
+    }
 
     def __init__(
         self, grid: Grid, cfg: StamenConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None
@@ -376,7 +403,7 @@ class Federation(ContinualRun):
             row["seconds"] = time.monotonic() - t0
             row["elapsed"] = self.elapsed_before + time.monotonic() - start
             if row["accuracy"] > self.best.accuracy:
-                self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays), self.version)
+                self.best.improve(server_round, row["accuracy"], row["loss"], self.arrays, self.version)
             if row["updated"]:
                 self._register_version(server_round, row)
             self._check_divergence(server_round, row)
