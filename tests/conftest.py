@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from stamen.cli.main import run_simulate_command
+from stamen.common.flwr_internal import SUPERLINK_NODE_ID, TaskIdentity
 
 
 @pytest.fixture
