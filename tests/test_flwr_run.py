@@ -1,6 +1,6 @@
 """``flwr run .`` works on the repo as on any Flower app.
 
-flwr 1.41 keeps SuperLink connections in ``$FLWR_HOME/config.toml``; a fresh FLWR_HOME
+flwr 1.42 keeps SuperLink connections in ``$FLWR_HOME/config.toml``; a fresh FLWR_HOME
 gets the default connection ``local`` (address ``:local:``), for which ``flwr run``
 lazily starts a detached ``flower-superlink --simulation`` that outlives the command.
 Flower writes no pid file for it, but its command line names its log file,
