@@ -27,13 +27,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from stamen.common.config import StamenConfig
 from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from stamen.common.errors import StamenError
+from stamen.common.flwr_internal import ErrorCode, aggregate_arrayrecords
 from stamen.common.identity import SiteSampler
 from stamen.common.instruction import schema_header
 from stamen.common.models import build_model, resolve_model_name

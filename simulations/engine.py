@@ -29,7 +29,8 @@ ENDED = ("completed", "stopped")
 def start_ray(init_args: dict[str, Any]) -> None:
     """``ray.init`` as Flower's Ray backend calls it (it then reuses this instance)."""
     import ray
-    from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
+
+    from stamen.common.flwr_internal import DEFAULT_SIMULATION_CONFIG
 
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
