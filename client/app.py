@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 
 from stamen.client.dp import train_private
 from stamen.client.drift import site_drift
@@ -46,6 +45,10 @@ from stamen.common.runrecord import derive_seeds
 from stamen.common.state import SiteStore
 
 log = logging.getLogger("stamen.client")
+
+#: A Flower ClientApp mod, ``(message, context, call_next) -> reply``: Flower's own alias
+#: (``flwr.clientapp.typing.Mod``) is not exported, so it is spelt out here.
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
 @lru_cache(maxsize=4)
