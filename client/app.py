@@ -5,12 +5,19 @@ the round (``config``); the reply follows :mod:`common.reply`. Anything a site m
 between rounds or across restarts goes to its state store (:mod:`common.state`), never
 to process memory alone. The per-process caches here (data, model object) only save
 work; losing them loses nothing.
+
+``app`` is the production ClientApp: it knows nothing of fault injection and refuses any
+instruction that sets a simulation-only key (:func:`refuse_simulation_only`). The
+simulation engine builds its own app with :func:`make_client_app`, whose two seams are a
+``data_transform`` (the site's training data as the round trains on it) and Flower mods
+around every message (see ``simulations/faults/layer.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -19,15 +26,15 @@ from flwr.clientapp import ClientApp
 
 from stamen.client.dp import train_private
 from stamen.client.drift import site_drift
-from stamen.client.ledger import OverBudget, PrivacyLedger
+from stamen.client.ledger import Ledger, PrivacyRefusal
 from stamen.client.pool import TrainingPool
+from stamen.client.privacy import SitePrivacy
 from stamen.client.replay import ReplayBuffer
-from stamen.client.resend import SentUpdates, update_digest
-from stamen.client.shard_privacy import ShardLedgers, plan_private_round, spent
+from stamen.client.resend import update_digest
 from stamen.client.sources import site_view
 from stamen.client.train import pick_device, round_seed, train_local
 from stamen.client.view import SiteView
-from stamen.common.config import KEY_BY_NAME, StamenConfig
+from stamen.common.config import SIMULATION_ONLY, StamenConfig
 from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from stamen.common.errors import ConfigError, StamenError
 from stamen.common.identity import site_id_from_node_config
@@ -36,11 +43,12 @@ from stamen.common.models import build_model, evaluate_model
 from stamen.common.reply import Status, make_reply
 from stamen.common.runrecord import derive_seeds
 from stamen.common.state import SiteStore
-from stamen.simulations.faults.attack import attack_of, poison_data, poison_update
-from stamen.simulations.faults.label_shift import apply_label_shift
 
 log = logging.getLogger("stamen.client")
-app = ClientApp()
+
+#: A Flower ClientApp mod, ``(message, context, call_next) -> reply``: Flower's own alias
+#: (``flwr.clientapp.typing.Mod``) is not exported, so it is spelt out here.
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
 @lru_cache(maxsize=4)
@@ -62,7 +70,7 @@ class Instruction:
         self.model_name = str(raw.pop("model-name", "auto"))
         self.input_shape = tuple(int(v) for v in raw.pop("model-input-shape", []))
         self.num_classes = int(raw.pop("model-num-classes", 0))
-        self.cfg = StamenConfig.from_mapping({k: v for k, v in raw.items() if k in KEY_BY_NAME})
+        self.cfg = StamenConfig.for_site(raw)
         self.site_id = site_id_from_node_config(context.node_config)
         self.node_config = context.node_config
         self.arrays = (
@@ -119,7 +127,6 @@ def _error_reply(msg: Message, context: Context, exc: StamenError) -> Message:
     return make_reply(msg, _site_id_or_unknown(context), Status.ERROR, reason=str(exc))
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """Identity handshake: who this site is and (with DP off) how much data it holds."""
     try:
@@ -134,14 +141,22 @@ def query(msg: Message, context: Context) -> Message:
         return _error_reply(msg, context, exc)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round of local SGD from the global model; reply with the local model."""
+DataTransform = Callable[[SiteView, Instruction], SiteView]
+"""What a round trains on, given the site's current data and the instruction (a simulation seam)."""
+
+
+def train(msg: Message, context: Context, data_transform: DataTransform | None = None) -> Message:
+    """One round of local SGD from the global model; reply with the local model.
+
+    ``data_transform`` (simulation only, see :func:`make_client_app`) replaces the site's
+    current data before anything uses it: the replay buffer, training and drift scores.
+    """
     try:
         ins = Instruction(msg, context)
         store = ins.store()
-        view = apply_label_shift(ins.view(ingest=True), ins.cfg, ins.site_id, ins.server_round, ins.num_classes)
-        view = poison_data(view, attack_of(ins.cfg, ins.node_config), ins.num_classes)
+        view = ins.view(ingest=True)
+        if data_transform is not None:
+            view = data_transform(view, ins)
         replay = ins.replay(store)
         pool = TrainingPool.build(view, replay.replay(view) if replay else None)
         if len(pool) == 0:
@@ -150,7 +165,11 @@ def train(msg: Message, context: Context) -> Message:
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
         if ins.cfg["dp"]:
-            reply = _train_private(msg, ins, view, pool, model, store, seed, device)
+            try:
+                reply = _train_private(msg, ins, view, pool, model, store, seed, device)
+            except PrivacyRefusal as exc:
+                log.info("site %s round %d refused (%s): %s", ins.site_id, ins.server_round, exc.code, exc)
+                reply = make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
         else:
             result = train_local(
                 model, pool.x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device
@@ -171,9 +190,7 @@ def _trained(reply: Message) -> bool:
     return "arrays" in reply.content.array_records
 
 
-def _drift(
-    ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger: PrivacyLedger | ShardLedgers | None
-) -> dict[str, float]:
+def _drift(ins: Instruction, data: SiteView, store: SiteStore, seed: int, ledger: Ledger | None) -> dict[str, float]:
     """This round's data-drift scores of the site's current data (a DP site's histograms are
     charged releases); none when the site has no current data (it trains on replayed records only)."""
     if data.num_train == 0:
@@ -189,19 +206,14 @@ def _drift(
         ledger=ledger,
         noise_multiplier=float(cfg["dp-stats-noise"]),
         seed=seed,
-        budget=float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget)),
+        budget=_budget(ins),
         delta=float(cfg["delta"]),
     )
 
 
 def _sent_arrays(ins: Instruction, model: torch.nn.Module, store: SiteStore) -> ArrayRecord:
-    """The trained model as sent: honest, or transformed by a simulation's poisoning scenario."""
-    arrays = model_to_arrays(model)
-    if ins.arrays is not None:
-        arrays = poison_update(
-            attack_of(ins.cfg, ins.node_config), ins.arrays, arrays, float(ins.cfg["attack-scale"]), store
-        )
-    return arrays_to_record(arrays)
+    """The trained model as sent (a simulation's poisoning, if any, is a mod around the app)."""
+    return arrays_to_record(model_to_arrays(model))
 
 
 def _record_participation(store: SiteStore, ins: Instruction, num_examples: int) -> None:
@@ -224,28 +236,16 @@ def _train_private(
     seed: int,
     device: torch.device,
 ) -> Message:
-    """A DP-SGD round: refuse if it would overspend, else train and charge the ledger(s) first.
+    """A DP-SGD round through the site's privacy front door (:class:`client.privacy.SitePrivacy`).
 
-    Which ledgers a round charges, and which data it may use, is the privacy policy's
-    (:mod:`client.shard_privacy`). Statistics are released (and charged) before the round
-    is planned, so the plan sees everything already spent. Ledger entries are written
-    (atomically) before the reply is built, so a crash can never under-count what was
-    spent. A node's own ``epsilon-budget`` overrides the run's.
+    Statistics are released (and charged) before the round is planned, so the plan sees
+    everything already spent; the executed steps are charged before the reply is built.
+    A round the budget cannot pay for raises :class:`PrivacyRefusal`.
     """
     cfg = ins.cfg
-    budget = float(ins.node_config.get("epsilon-budget", cfg.epsilon_budget))
-    try:
-        drift = _drift(ins, view, store, seed, _statistics_ledger(store, cfg, view))
-    except OverBudget as exc:
-        if cfg["privacy-policy"] == "refuse":
-            return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
-        log.info("site %s: no drift scores this round (a shard cannot pay for them): %s", ins.site_id, exc)
-        drift = {}
-    plan = plan_private_round(pool, store, cfg, budget, seed)
-    if isinstance(plan, str):
-        return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=plan)
-    if plan.excluded:
-        log.info("site %s: shards out of budget left out: %s", ins.site_id, ", ".join(sorted(plan.excluded)))
+    privacy = SitePrivacy(store, cfg, _budget(ins))
+    drift = privacy.release_statistics(view.shard_names, lambda ledger: _drift(ins, view, store, seed, ledger))
+    plan = privacy.plan(pool, seed)
     result = train_private(
         model,
         plan.pool.x,
@@ -259,42 +259,19 @@ def _train_private(
         planned_examples=plan.count,
         accountant_name=str(cfg["accountant"]),
     )
-    # A redone round (the server resumed from an older checkpoint) re-sends the identical
-    # update: already charged, so not charged again (client/resend.py). Charge, then record.
-    sent = SentUpdates(store)
-    digest = update_digest(model_to_arrays(model), result.metrics())
-    if digest in sent:
-        log.info("site %s round %d: identical update already sent and charged", ins.site_id, ins.server_round)
-    else:
-        plan.commit(result)
-        sent.add(digest)
+    privacy.charge(plan, result, update_digest(model_to_arrays(model), result.metrics()))
     _record_participation(store, ins, result.num_examples)
-    epsilon, ledger = spent(store, cfg)
-    metrics = {
-        **result.metrics(),
-        **drift,
-        "num-examples": plan.count,
-        "epsilon": epsilon,
-        "noise-multiplier": plan.noise_multiplier,
-        "sample-rate": result.sample_rate,
-        "ledger-steps": ledger.steps,
-        "ledger-rounds": ledger.rounds,
-        "ledger-releases": len(ledger.releases),
-    }
+    metrics = {**result.metrics(), **drift, **privacy.report(plan, result)}
     if not ins.public_stats:
         del metrics["train-loss"]
     return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
 
 
-def _statistics_ledger(store: SiteStore, cfg: StamenConfig, view: SiteView) -> PrivacyLedger | ShardLedgers:
-    """Who pays for releasing statistics of the current data: the site's ledger, or every shard in it."""
-    accountant = str(cfg["accountant"])
-    if cfg["privacy-policy"] == "refuse":
-        return PrivacyLedger.load(store, accountant)
-    return ShardLedgers.load(store, accountant, view.shard_names)
+def _budget(ins: Instruction) -> float:
+    """The site's epsilon budget: a node's own ``epsilon-budget`` overrides the run's."""
+    return float(ins.node_config.get("epsilon-budget", ins.cfg.epsilon_budget))
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
@@ -318,3 +295,47 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     except StamenError as exc:
         return _error_reply(msg, context, exc)
+
+
+def refuse_simulation_only(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """The production app's guard (a Flower mod): a run that sets a fault-injection key gets an
+    error reply naming it, and nothing is trained, evaluated or counted.
+
+    Only ``stamen simulate`` applies these keys (simulations/faults); a node running this app
+    would otherwise ignore them silently, or, were they ever applied here, let a run config
+    poison a deployment.
+    """
+    record = msg.content.config_records.get("config")
+    raw = {k: v for k, v in (record or {}).items() if k in SIMULATION_ONLY}
+    try:
+        refused = StamenConfig.from_mapping(raw).simulation_only_set()
+    except StamenError as exc:
+        return _error_reply(msg, context, exc)
+    if refused:
+        names = ", ".join(f"'{k}'" for k in refused)
+        return _error_reply(
+            msg,
+            context,
+            ConfigError(
+                f"run config {names} is simulation-only (fault injection, applied by stamen simulate): "
+                "this node refuses the instruction"
+            ),
+        )
+    return call_next(msg, context)
+
+
+def make_client_app(data_transform: DataTransform | None = None, mods: Sequence[Mod] | None = None) -> ClientApp:
+    """A stamen ClientApp; the production ``app`` is ``make_client_app()``.
+
+    ``mods`` wrap every message (Flower's ClientApp mods); without them the app refuses
+    simulation-only keys. A simulation layer that applies those keys passes its own mods and
+    ``data_transform`` instead (``simulations/faults/layer.py``).
+    """
+    client_app = ClientApp(mods=list(mods) if mods is not None else [refuse_simulation_only])
+    client_app.query()(query)
+    client_app.train()(train if data_transform is None else partial(train, data_transform=data_transform))
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = make_client_app()

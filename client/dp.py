@@ -10,16 +10,10 @@ step, bf16 autocast.
 Privacy accounting does not trust the configuration: the round's Opacus accountant is
 fed by the DP optimizer's step hook, which runs once per noisy step actually taken, and
 :meth:`DPTrainResult.commit` writes exactly that to the site's
-:class:`~stamen.client.ledger.PrivacyLedger`. A round on a site::
-
-    ledger = PrivacyLedger.load(store, accountant)
-    count = released_count(store, ledger, y, ...)  # charged once per data version
-    rate, steps = dp_schedule(count, cfg)
-    sigma = noise_multiplier or calibrate_noise(target, delta, rate, steps, horizon, accountant, ledger.releases)
-    if reason := ledger.refusal(sigma, rate, steps, delta, budget): reply refused_budget
-    result = train_private(model, x, y, cfg, ..., noise_multiplier=sigma, planned_examples=count)
-    result.commit(ledger)  # before the reply is built
-    reply model_to_arrays(model), epsilon = ledger.epsilon(delta)
+:class:`~stamen.client.ledger.PrivacyLedger`. A round on a site goes through the site's privacy
+front door, :class:`client.privacy.SitePrivacy`: it plans the round (released size, noise,
+rate), this module trains it, and the front door charges ``DPTrainResult.commit`` to the
+ledger(s) before the reply is built.
 
 Opacus runs with ``secure_mode=False``: the Poisson sampler and the noise come from
 torch generators seeded per round, so a run is reproducible; that PRNG is not
@@ -43,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from stamen.client.ledger import PrivacyLedger, check_accountant
+from stamen.client.ledger import Ledger, check_accountant
 from stamen.client.train import TrainResult, autocast_dtype, make_optimizer
 from stamen.common.config import StamenConfig
 from stamen.common.errors import ConfigError
@@ -68,7 +62,7 @@ class DPTrainResult(TrainResult):
     sample_rate: float
     noise_multiplier: float
 
-    def commit(self, ledger: PrivacyLedger) -> None:
+    def commit(self, ledger: Ledger) -> None:
         """Charge this round to the site's ledger; call before the update leaves the site."""
         ledger.record(self.noise_multiplier, self.sample_rate, self.steps_executed)
 

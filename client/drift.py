@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stamen.client.ledger import PrivacyLedger
+from stamen.client.ledger import Ledger
 from stamen.client.stat_release import fingerprint, released
 from stamen.common.drift import (
     FEATURE_SKETCH_SENSITIVITY,
@@ -48,7 +48,7 @@ def site_drift(
     num_classes: int,
     reference_rounds: int,
     projection_seed: int,
-    ledger: PrivacyLedger | None,
+    ledger: Ledger | None,
     noise_multiplier: float,
     seed: int,
     budget: float = math.inf,
@@ -57,7 +57,7 @@ def site_drift(
     """This round's drift scores; updates the reference while it is still being built.
 
     ``ledger`` None means DP off (exact histograms). A release that would pass ``budget``
-    raises :class:`client.ledger.OverBudget` before anything is spent or stored.
+    raises :class:`client.ledger.PrivacyRefusal` before anything is spent or stored.
     """
     labels = np.bincount(y.numpy(), minlength=num_classes)[:num_classes].astype(np.float64)
     sketch = feature_sketch(x.numpy(), projection_directions(int(np.prod(x.shape[1:])), projection_seed))

@@ -33,30 +33,33 @@ from importlib.metadata import version
 
 import httpx
 from flwr.app import Context, Error, Message
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.common.serde import context_from_proto, run_from_proto
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+
+from stamen.common.flwr_internal import (
     AcquireTaskRequest,
+    ErrorCode,
+    HeartbeatSender,
+    Node,
     PullAppMessagesRequest,
     PullTaskInputRequest,
-)
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-)
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import (
+    Run,
+    RuntimeHttpClient,
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
+    SubStatus,
     SuperExecAuthHttpInterceptor,
+    TaskIdentity,
+    TaskType,
+    context_from_proto,
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+    make_simple_http_retry_invoker,
+    make_task_heartbeat_fn_http,
+    pull_and_inflate_object_from_tree,
+    push_message,
+    push_task_output,
+    run_from_proto,
+    set_message_id,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.run import Run
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("stamen.node")
 
@@ -79,6 +82,8 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run]:
     This one asks again after 20 ms, doubling to at most 0.5 s.
     """
     res = client.PullTaskInput(PullTaskInputRequest())
+    # as Flower 1.42's helper: a Message the ClientApp creates (not a reply) is stamped with this task's identity
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context, run = context_from_proto(res.context), run_from_proto(res.run)
     pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
@@ -93,7 +98,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run]:
         initial_backoff=OBJECT_RETRY_SECONDS[0],
         backoff_cap=OBJECT_RETRY_SECONDS[1],
     )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its own id
+    set_message_id(message, tree.object_id)  # the deflated message does not carry its own id
     return message, context, run
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from opacus.accountants import create_accountant
 
@@ -71,11 +71,60 @@ def _parse_release(raw: Any) -> float:
     return sigma
 
 
-class OverBudget(StamenError):
-    """A release or round was refused because it would take the site past its budget."""
+#: Why a site refuses: a release of statistics, the DP-SGD round itself, or (``per-shard``) every
+#: shard the site holds would pass the budget.
+RefusalCode = Literal["statistics-release", "training-round", "every-shard-spent"]
 
 
-class PrivacyLedger:
+class PrivacyRefusal(StamenError):
+    """A release or round refused because it would take the site past its budget; spends nothing.
+
+    The one refusal type of the privacy path: the ClientApp turns it into the
+    ``refused_budget`` reply, with the message as the reason.
+    """
+
+    def __init__(self, code: RefusalCode, message: str) -> None:
+        super().__init__(message)
+        self.code: RefusalCode = code
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """What a DP round charges: one site (or shard) ledger, or several charged together.
+
+    Queries answer with a reason (``str``) or None and spend nothing; ``record*`` persist
+    atomically before returning, so a crash after them can only over-count.
+    """
+
+    @property
+    def releases(self) -> tuple[float, ...]:
+        """Noise multipliers of the charged releases of statistics (the worst-off ledger's)."""
+        ...
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far (the worst-off ledger's)."""
+        ...
+
+    def refusal(
+        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, budget: float
+    ) -> str | None:
+        """Why a DP-SGD round of ``steps`` noisy steps would pass ``budget``, or None."""
+        ...
+
+    def release_refusal(self, noise_multiplier: float, delta: float, budget: float) -> str | None:
+        """Why one more release of statistics would pass ``budget``, or None."""
+        ...
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Charge one executed DP-SGD round."""
+        ...
+
+    def record_release(self, noise_multiplier: float) -> None:
+        """Charge one Gaussian release of statistics."""
+        ...
+
+
+class PrivacyLedger(Ledger):
     """One site's cumulative DP-SGD history, read from and written to its :class:`SiteStore`."""
 
     def __init__(

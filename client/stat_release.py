@@ -3,7 +3,7 @@
 Anything a DP site sends that is computed from its records (its example count, label
 histograms, feature statistics) goes through :func:`released`: Gaussian noise of
 ``noise_multiplier * l2_sensitivity`` is added to the exact values, the release is
-charged to the site's :class:`~stamen.client.ledger.PrivacyLedger` (one Gaussian mechanism at
+charged to the site's :class:`~stamen.client.ledger.Ledger` (one Gaussian mechanism at
 that noise multiplier), and the noisy values are cached in the site's store keyed by
 ``(key, fingerprint)``. Sending the same statistic of the same data again re-sends the
 cached values — post-processing, free — so a site pays once per data version, not once
@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from stamen.client.ledger import OverBudget, PrivacyLedger
+from stamen.client.ledger import Ledger, PrivacyRefusal
 from stamen.common.errors import ConfigError
 from stamen.common.state import SiteStore
 
@@ -41,7 +41,7 @@ def released(
     fingerprint: str,
     exact: np.ndarray,
     l2_sensitivity: float,
-    ledger: PrivacyLedger | None,
+    ledger: Ledger | None,
     noise_multiplier: float,
     seed: int,
     budget: float = math.inf,
@@ -51,7 +51,7 @@ def released(
 
     ``l2_sensitivity`` bounds how far the vector moves when one record is added or removed
     (a histogram of one value per record: 1). A new release that would take the ledger
-    past ``budget`` (at ``delta``) raises :class:`~stamen.client.ledger.OverBudget` and spends
+    past ``budget`` (at ``delta``) raises :class:`~stamen.client.ledger.PrivacyRefusal` and spends
     nothing. The ledger is charged and persisted before the noisy values are stored or
     returned, so a crash can only over-count.
     """
@@ -70,7 +70,7 @@ def released(
             return values
     reason = ledger.release_refusal(noise_multiplier, delta, budget)
     if reason:
-        raise OverBudget(reason)
+        raise PrivacyRefusal("statistics-release", reason)
     noise = np.random.default_rng([seed, int(fingerprint[:8], 16)]).normal(
         0.0, noise_multiplier * l2_sensitivity, size=exact.shape
     )
@@ -83,7 +83,7 @@ def released(
 
 def released_count(
     store: SiteStore,
-    ledger: PrivacyLedger | None,
+    ledger: Ledger | None,
     y: torch.Tensor,
     *,
     noise_multiplier: float,

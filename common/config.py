@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from stamen.common.errors import ConfigError
@@ -29,6 +29,9 @@ class Key:
     help: str
     check: Callable[[Any], bool] | None = None
     expect: str = ""
+    # A fault-injection key: only ``stamen simulate`` (simulations/faults) applies it; the
+    # production ServerApp and ClientApp refuse a run that sets it to anything but its default.
+    simulation_only: bool = False
 
 
 def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
@@ -139,7 +142,8 @@ KEYS: tuple[Key, ...] = (
         "server-lr-spike",
         str,
         "",
-        "rehearse a rollback: multiply the server step by F in rounds A..B, as 'A-B:F' ('' = off)",
+        "simulation only: rehearse a rollback, multiplying the server step by F in rounds A..B, as 'A-B:F' ('' = off)",
+        simulation_only=True,
     ),
     # --- data ---------------------------------------------------------------------
     Key("dataset", str, "mnist5k", "digits | mnist5k | npz:PATH | csv:PATH | hf:NAME"),
@@ -308,11 +312,26 @@ KEYS: tuple[Key, ...] = (
         "attack",
         str,
         "none",
-        "what the attacking sites do",
+        "simulation only: what the attacking sites do",
         *_choice("none", "sign-flip", "scale", "label-flip", "nan", "stale"),
+        simulation_only=True,
     ),
-    Key("attack-sites", str, "", "attacking partitions: a count N (partitions 0..N-1) or a list like '2,5'"),
-    Key("attack-scale", float, 10.0, "factor of scale and sign-flip attacks", _pos, "> 0"),
+    Key(
+        "attack-sites",
+        str,
+        "",
+        "simulation only: attacking partitions, a count N (partitions 0..N-1) or a list like '2,5'",
+        simulation_only=True,
+    ),
+    Key(
+        "attack-scale",
+        float,
+        10.0,
+        "simulation only: factor of scale and sign-flip attacks",
+        _pos,
+        "> 0",
+        simulation_only=True,
+    ),
     # --- server optimizer ---------------------------------------------------------------
     Key("strategy", str, "fedavgm", "server optimizer", *_choice("fedavg", "fedavgm", "fedadam", "fedyogi")),
     Key("server-lr", float, 1.0, "server learning rate (eta for fedadam/fedyogi)", _pos, "> 0"),
@@ -345,11 +364,85 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("drift-ph-threshold", float, 0.5, "Page-Hinkley threshold on a loss, in nats", _pos, "> 0"),
     Key("drift-ph-delta", float, 0.005, "Page-Hinkley tolerated rise per round, in nats", _nonneg, ">= 0"),
-    Key("label-shift-round", int, 0, "inject a label shift from this round (0 = off)", lambda v: v >= 0, ">= 0"),
-    Key("label-shift-sites", str, "", "comma-separated site-ids that get the label shift"),
+    Key(
+        "label-shift-round",
+        int,
+        0,
+        "simulation only: inject a label shift from this round (0 = off)",
+        lambda v: v >= 0,
+        ">= 0",
+        simulation_only=True,
+    ),
+    Key(
+        "label-shift-sites",
+        str,
+        "",
+        "simulation only: comma-separated site-ids that get the label shift",
+        simulation_only=True,
+    ),
 )
 
 KEY_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+SIMULATION_ONLY: tuple[str, ...] = tuple(k.name for k in KEYS if k.simulation_only)
+
+#: Where each section of the table begins (table order); a section runs to the next one's start.
+_SECTION_STARTS = {
+    "num-server-rounds": "federation",
+    "checkpoint-every": "continual",
+    "dataset": "data",
+    "model": "model",
+    "optimizer": "local",
+    "dp": "privacy",
+    "server-dp-clip": "server-dp",
+    "aggregation": "trust",
+    "attack": "faults",
+    "strategy": "server-optimizer",
+    "metrics-port": "observe",
+    "label-shift-round": "faults",
+}
+
+
+def _sections() -> dict[str, str]:
+    out: dict[str, str] = {}
+    current = ""
+    for key in KEYS:
+        current = _SECTION_STARTS.get(key.name, current)
+        out[key.name] = current
+    return out
+
+
+#: The section of every key: federation, continual, data, model, local, privacy, server-dp,
+#: trust, faults (simulation only), server-optimizer, observe.
+SECTION_OF: dict[str, str] = _sections()
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(SECTION_OF.values()))
+
+#: The sections a site reads; only these keys travel in an instruction.
+SITE_SECTIONS = ("data", "model", "local", "privacy", "faults")
+
+#: Keys of other sections a site needs: the seed its shuffling and drift sketches derive
+#: from, the run length its LR schedule spans, the simulated state root, its drift window.
+SITE_EXTRA_KEYS = ("seed", "num-server-rounds", "state-dir", "drift-reference-rounds")
+
+#: Every key a site is sent (and may read); server-only keys such as ``metrics-keyfile`` or
+#: ``resume-from`` never leave the server.
+SITE_KEYS: frozenset[str] = frozenset([n for n, s in SECTION_OF.items() if s in SITE_SECTIONS] + list(SITE_EXTRA_KEYS))
+
+
+def _attribute(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _section_class(section: str) -> type:
+    keys = [k for k in KEYS if SECTION_OF[k.name] == section]
+    title = "".join(p.title() for p in section.split("-"))
+    doc = f"The {section!r} section of a run config, typed (generated from the key table)."
+    return make_dataclass(
+        f"{title}Config", [(_attribute(k.name), k.type) for k in keys], frozen=True, namespace={"__doc__": doc}
+    )
+
+
+#: One frozen dataclass per section, generated from the table (``cfg.section("local").lr``).
+SECTION_CLASSES: dict[str, type] = {s: _section_class(s) for s in SECTIONS}
 
 
 def _coerce(key: Key, value: Any) -> Scalar:
@@ -386,6 +479,26 @@ class StamenConfig:
     """A validated run configuration; build it with :meth:`from_mapping`."""
 
     values: Mapping[str, Scalar]
+    #: The keys this config may be read by; None = all. A site's config holds only :data:`SITE_KEYS`.
+    readable: frozenset[str] | None = field(default=None, compare=False)
+
+    @classmethod
+    def for_site(cls, raw: Mapping[str, Any]) -> StamenConfig:
+        """A site's config from an instruction: the site keys it carries, checked like any run
+        config, defaults for the rest; reading a server-only key raises (it was never sent)."""
+        full = cls.from_mapping({k: v for k, v in raw.items() if k in SITE_KEYS})
+        return cls(full.values, readable=SITE_KEYS)
+
+    def site_dict(self) -> dict[str, Scalar]:
+        """The keys an instruction carries to a site (:data:`SITE_KEYS`), in table order."""
+        return {k.name: self.values[k.name] for k in KEYS if k.name in SITE_KEYS}
+
+    def section(self, name: str) -> Any:
+        """One section as a typed frozen dataclass, e.g. ``cfg.section("local").batch_size``."""
+        if name not in SECTION_CLASSES:
+            raise ConfigError(f"unknown config section {name!r}; sections: {', '.join(SECTIONS)}")
+        keys = [k.name for k in KEYS if SECTION_OF[k.name] == name]
+        return SECTION_CLASSES[name](**{_attribute(k): self[k] for k in keys})
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], *, strict: bool = True) -> StamenConfig:
@@ -409,35 +522,43 @@ class StamenConfig:
         return cfg
 
     def _check_combinations(self) -> None:
-        if self["lr-schedule"] == "cosine" and self.lr_horizon_rounds < 1:
+        v = self.values
+        if v["lr-schedule"] == "cosine" and self.lr_horizon_rounds < 1:
             raise ConfigError("lr-schedule 'cosine' needs lr-horizon-rounds >= 1 when rounds are unbounded")
-        if self["dp"] and self["noise-multiplier"] == 0 and self["privacy-horizon-rounds"] < 1:
+        if v["dp"] and v["noise-multiplier"] == 0 and v["privacy-horizon-rounds"] < 1:
             raise ConfigError(
                 "dp with target-epsilon needs privacy-horizon-rounds >= 1 (rounds each site is planned to "
                 "train), or set noise-multiplier explicitly"
             )
-        robust = self["aggregation"] != "mean" or self["outlier-mad-k"] > 0
-        if self["server-dp-clip"] > 0 and (robust or self["max-site-weight"] not in (0, 1) or self["equal-weights"]):
+        robust = v["aggregation"] != "mean" or v["outlier-mad-k"] > 0
+        if v["server-dp-clip"] > 0 and (robust or v["max-site-weight"] not in (0, 1) or v["equal-weights"]):
             raise ConfigError(
                 "server-dp-clip (client-level DP) sums clipped updates with equal weight; aggregation other than "
                 "'mean', outlier-mad-k and site weight caps make one site's update change how others are counted, "
                 "which the DP guarantee does not cover: turn them off, or turn server-dp-clip off"
             )
-        if bool(self["metrics-certfile"]) != bool(self["metrics-keyfile"]):
+        if bool(v["metrics-certfile"]) != bool(v["metrics-keyfile"]):
             raise ConfigError("metrics-certfile and metrics-keyfile must be set together (TLS needs both)")
-        if self["input-shape"]:
+        if v["input-shape"]:
             self.input_shape  # noqa: B018 - parse now so a bad value fails at start
-        if self["server-lr-spike"]:
+        if v["server-lr-spike"]:
             self.server_lr_spike  # noqa: B018 - parse now so a bad value fails at start
 
     def __getitem__(self, name: str) -> Any:
+        if self.readable is not None and name not in self.readable:
+            raise ConfigError(f"run config '{name}' is a server-side key ({SECTION_OF[name]}); sites are not sent it")
         return self.values[name]
+
+    def simulation_only_set(self) -> list[str]:
+        """The simulation-only (fault-injection) keys this run sets to anything but their default."""
+        return [name for name in SIMULATION_ONLY if self[name] != KEY_BY_NAME[name].default]
 
     def replace(self, **changes: Scalar) -> StamenConfig:
         """A copy with some keys changed (keys use underscores here)."""
         raw = dict(self.values)
         raw.update({k.replace("_", "-"): v for k, v in changes.items()})
-        return StamenConfig.from_mapping(raw)
+        new = StamenConfig.from_mapping(raw)
+        return new if self.readable is None else StamenConfig(new.values, readable=self.readable)
 
     @property
     def lr_horizon_rounds(self) -> int:
@@ -493,3 +614,7 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if key not in KEY_BY_NAME:
         raise ConfigError(f"unknown run config key {key!r} in --set")
     return key, value.strip()
+
+
+#: The public name of a validated run configuration (``stamen.RunConfig``).
+RunConfig = StamenConfig

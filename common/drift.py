@@ -12,10 +12,12 @@ like the server optimizers do.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy.spatial.distance import jensenshannon
+
+from stamen.common.errors import StateError
 
 #: PSI at or above this is the conventional "significant shift" (and the alert threshold).
 PSI_ALERT = 0.2
@@ -120,6 +122,14 @@ class PageHinkley:
     def state_dict(self) -> dict[str, float]:
         """The whole state as plain numbers (for a checkpoint)."""
         return asdict(self)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue from :meth:`state_dict`: every field it holds, nothing else."""
+        unknown = sorted(set(state) - {f.name for f in fields(self)})
+        if unknown:
+            raise StateError(f"Page-Hinkley state has unknown field(s) {', '.join(unknown)}")
+        for name, value in state.items():
+            setattr(self, name, int(value) if name in ("count", "min_values") else float(value))
 
     @classmethod
     def from_state(cls, state: dict[str, float]) -> PageHinkley:

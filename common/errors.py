@@ -14,8 +14,8 @@ class ConfigError(StamenError):
     """A run-config or node-config value is missing, unknown or out of range."""
 
 
-class DataError(StamenError):
-    """A dataset spec, file or partitioning request cannot be honoured."""
+class DataError(ConfigError):
+    """A dataset spec, file or partitioning request cannot be honoured (bad input, so a ConfigError)."""
 
 
 class StateError(StamenError):

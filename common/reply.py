@@ -159,7 +159,9 @@ def _metrics(msg: Message, kind: str, site_id: str) -> dict[str, float]:
     return values
 
 
-def _check_arrays(msg: Message, reference: Mapping[str, np.ndarray], site_id: str) -> None:
+def check_update_arrays(msg: Message, reference: Mapping[str, np.ndarray], site_id: str) -> None:
+    """Reject a reply whose single 'arrays' record does not match ``reference`` key for key, in shape,
+    dtype and finiteness (a malformed or poisoned update never reaches aggregation)."""
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise RejectedReply("wrong_keys", "no 'arrays' record", site_id)
@@ -203,5 +205,5 @@ def screen_reply(
     if kind == "train":
         if reference is None:
             raise ValueError("screening a train reply needs the reference model")
-        _check_arrays(msg, reference, site_id)
+        check_update_arrays(msg, reference, site_id)
     return SiteReply(site_id, status, metrics=metrics, content=msg.content)

@@ -2,14 +2,15 @@
 
 Everything it needs comes from run config, because in deployment this is a process the
 SuperLink starts. ``stamen simulate`` builds the same app with its overrides through
-:func:`make_server_app`.
+:func:`make_server_app`, and with its fault-injection layer (``simulations/faults``); the
+production ``app`` has none and refuses a run that sets a simulation-only key.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,14 @@ from flwr.serverapp import Grid, ServerApp
 from stamen.common.config import KEY_BY_NAME, StamenConfig
 from stamen.common.errors import ConfigError
 from stamen.server.loop import Federation
+from stamen.server.optimizers.base import ServerOptimizer
 from stamen.server.outputs import run_lock
 from stamen.server.stop import install_stop_handlers
 
 log = logging.getLogger("stamen.server")
+
+FaultLayer = Callable[[StamenConfig, ServerOptimizer], ServerOptimizer]
+"""A simulation's fault injection on the server: it wraps the run's server optimizer (``server-lr-spike``)."""
 
 
 def resolve_out_dir(cfg: StamenConfig, run_id: int | None = None) -> Path:
@@ -57,8 +62,13 @@ def _configure_logging() -> None:
     logger.setLevel(os.environ.get("STAMEN_LOG_LEVEL", "INFO"))
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp whose run config is Flower's, with ``overrides`` on top."""
+def make_server_app(overrides: Mapping[str, Any] | None = None, *, fault_layer: FaultLayer | None = None) -> ServerApp:
+    """A ServerApp whose run config is Flower's, with ``overrides`` on top.
+
+    ``fault_layer`` is the simulation engine's (``simulations/faults/layer.py``), applied
+    after a resumed run's state is restored into the optimizer it wraps; without one (the
+    production app) a simulation-only key set in the run config is refused before anything runs.
+    """
     app = ServerApp()
 
     @app.main()
@@ -66,6 +76,13 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         _configure_logging()
         raw = {k: v for k, v in context.run_config.items() if k in KEY_BY_NAME}
         cfg = StamenConfig.from_mapping({**raw, **(overrides or {})})
+        refused = cfg.simulation_only_set()
+        if fault_layer is None and refused:
+            names = ", ".join(f"'{k}'" for k in refused)
+            raise ConfigError(
+                f"run config {names} is simulation-only (fault injection): run it with stamen simulate, "
+                "the production ServerApp refuses it"
+            )
         out_dir = resolve_out_dir(cfg, getattr(grid.run, "run_id", None))
         log.info("stamen run directory: %s", out_dir)
         # A deployed ServerApp runs here in its process's main thread; in simulation this is a
@@ -73,7 +90,10 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         restore = install_stop_handlers()
         try:
             with run_lock(out_dir):
-                Federation(grid, cfg, out_dir).run()
+                federation = Federation(grid, cfg, out_dir)
+                if fault_layer is not None:
+                    federation.optimizer = fault_layer(cfg, federation.optimizer)
+                federation.run()
         finally:
             restore()
 

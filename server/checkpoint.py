@@ -5,8 +5,9 @@ A checkpoint is two files in ``<run-dir>/checkpoints/``:
 - ``ckpt-RRRRRRRR.safetensors``: every array (global model, server optimizer state, best
   model), keyed ``<group>|<parameter>``; safetensors, so loading runs no pickle;
 - ``ckpt-RRRRRRRR.json``: the schema version, round, model version, the SHA-256 of the
-  arrays file and the JSON-serialisable state (config, sampler RNG, best-so-far metrics,
-  counters, privacy figures, history, rollback state).
+  arrays file and the JSON-serialisable state: the config and, under ``parts``, every
+  registered run-state part (:mod:`server.run_state`: sampler RNG, best-so-far, counters,
+  privacy figures, history, rollback state, drift detectors, metrics counters ...).
 
 Both are written atomically (:func:`common.state.atomic_write_bytes`), arrays first: the
 JSON is the commit record, so a crash between the two leaves an orphan arrays file that
@@ -36,7 +37,7 @@ from stamen.common.state import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("stamen.server")
 
-CHECKPOINT_SCHEMA_VERSION = 1
+CHECKPOINT_SCHEMA_VERSION = 2  # 2: the state is the run-state registry's parts (server/run_state.py)
 CHECKPOINT_DIR = "checkpoints"
 _SEP = "|"
 _NAME = re.compile(r"^ckpt-(\d{8})\.json$")

@@ -3,8 +3,9 @@
 :class:`ContinualRun` is mixed into :class:`server.loop.Federation`; it owns the state a
 run needs to go on for weeks: each aggregated model's version number (:mod:`server.versions`),
 the divergence rule and the rollbacks it caused (:mod:`server.rollback`), and the
-checkpoint that captures everything the loop holds (:mod:`server.checkpoint`), so that
-``resume-from`` continues a run exactly as if it had never stopped.
+checkpoint (:mod:`server.checkpoint`) of every part registered in the run state
+(:mod:`server.run_state`), so that ``resume-from`` continues a run exactly as if it had
+never stopped.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from stamen.common.identity import SiteSampler
 from stamen.server.checkpoint import Checkpoint, CheckpointStore, config_changes
 from stamen.server.dp_fedavg import DPFedAvg
 from stamen.server.evaluate import ServerData
+from stamen.server.observe import RoundObserver
 from stamen.server.optimizers.base import ServerOptimizer
 from stamen.server.outputs import RunOutputs
-from stamen.server.rollback import DivergenceRule, spiked_step
+from stamen.server.rollback import DivergenceRule
+from stamen.server.run_state import Arrays, Attributes, RunState, join_arrays, split_arrays
 from stamen.server.sites import SiteDirectory
 from stamen.server.versions import ModelInfo, VersionRegistry
 
@@ -35,13 +38,57 @@ log = logging.getLogger("stamen.server")
 
 @dataclass
 class Best:
-    """The best global model so far (the seeds' early stopping, kept for a continual run)."""
+    """The best global model so far (the seeds' early stopping, kept for a continual run).
+
+    Updated in place (:meth:`improve`), so the run-state registry always holds the live one.
+    """
 
     round: int = 0
     accuracy: float = -math.inf
     loss: float = math.inf
     arrays: dict[str, np.ndarray] | None = None
     version: int = 0
+
+    def improve(self, server_round: int, accuracy: float, loss: float, arrays: Arrays, version: int) -> None:
+        """A better model: keep a copy of it as the best."""
+        self.round, self.accuracy, self.loss, self.version = server_round, accuracy, loss, version
+        self.arrays = dict(arrays)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"round": self.round, "accuracy": self.accuracy, "loss": self.loss}
+        state["version"] = self.version
+        if self.arrays is not None:
+            # safetensors stores keys sorted; the saved order is the model's own
+            state.update(keys=list(self.arrays), arrays=dict(self.arrays))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round, self.version = int(state["round"]), int(state["version"])
+        self.accuracy, self.loss = float(state["accuracy"]), float(state["loss"])
+        self.arrays = {k: state["arrays"][k] for k in state["keys"]} if "arrays" in state else None
+
+
+class ModelArrays:
+    """The run's global model as a run-state part, checked against this run's model layout."""
+
+    attributes = ("arrays",)
+
+    def __init__(self, owner: ContinualRun) -> None:
+        self.owner = owner
+
+    def state_dict(self) -> dict[str, Any]:
+        arrays = self.owner.arrays
+        return {"name": self.owner.model_name, "keys": {k: list(v.shape) for k, v in arrays.items()}, "arrays": arrays}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = {k: list(v.shape) for k, v in self.owner.arrays.items()}
+        if state["name"] != self.owner.model_name or state["keys"] != expected:
+            raise StateError(
+                f"the checkpoint holds a {state['name']} model of another layout than this run's "
+                f"{self.owner.model_name}"
+            )
+        # The model's own key order: safetensors stores keys sorted, and replies are screened in order.
+        self.owner.arrays = {k: state["arrays"][k] for k in expected}
 
 
 class ContinualRun:
@@ -51,6 +98,7 @@ class ContinualRun:
     """
 
     cfg: StamenConfig
+    state: RunState
     outputs: RunOutputs
     model_name: str
     data: ServerData
@@ -62,6 +110,7 @@ class ContinualRun:
     totals: Counter[str]
     privacy: dict[str, dict[str, Any]]
     server_dp: DPFedAvg | None
+    observer: RoundObserver
 
     def _init_continual(self) -> None:
         """Versions, rollback rule and checkpoints; the saved state when resuming."""
@@ -77,7 +126,8 @@ class ContinualRun:
             ModelInfo(self.model_name, self.data.input_shape, self.data.num_classes),
             int(cfg["versions-keep"]),
         )
-        self.start_round, self.empty, self.elapsed_before = 1, 0, 0.0
+        self.start_round, self.empty, self.elapsed_before, self.elapsed = 1, 0, 0.0, 0.0
+        self._register_state()
         if cfg["resume-from"]:
             self._restore(self.checkpoints.load_latest())
         elif self.checkpoints.rounds() or self.registry.entries:
@@ -86,12 +136,8 @@ class ContinualRun:
                 "resume-from, or give this run another out-dir"
             )
 
-    def _new_version(self, server_round: int, before: dict[str, np.ndarray], contributors: list[str]) -> None:
-        """The round aggregated a new model: number it (and apply a rehearsal spike, if configured)."""
-        spike = self.cfg.server_lr_spike
-        if spike and spike[0] <= server_round <= spike[1]:
-            log.warning("round %d: server step multiplied by %g (server-lr-spike rehearsal)", server_round, spike[2])
-            self.arrays = spiked_step(before, self.arrays, spike[2])
+    def _new_version(self, contributors: list[str]) -> None:
+        """The round aggregated a new model: number it."""
         self.pending = {"parent": self.version, "contributors": sorted(contributors)}
         self.version = max(self.version, self.registry.highest) + 1
 
@@ -149,29 +195,33 @@ class ContinualRun:
         self.rollbacks.append(event)
         row["rolled_back_to"] = self.best.version
 
+    def _register_state(self) -> None:
+        """Every part of the run that a resumed run must get back, under one name each."""
+        state = self.state = RunState()
+        state.register("model", ModelArrays(self))
+        state.register("optimizer", self.optimizer)
+        state.register("sampler", self.sampler)
+        state.register("best", self.best)
+        state.register("versions", self.registry)
+        state.register("rule", self.rule)
+        if self.server_dp is not None:
+            state.register("server_dp", self.server_dp)
+        state.register("history", self.outputs)
+        state.register("drift", self.observer.drift)
+        state.register("exporter", self.observer.exporter)
+        state.register("observer", Attributes(self.observer, epsilon=dict, rollbacks_seen=int))
+        state.register("handshake", Attributes(self.directory, rejected=Counter))
+        state.register(
+            "run",
+            Attributes(
+                self, version=int, empty=int, elapsed=float, totals=Counter, privacy=dict, rollbacks=list, resumes=list
+            ),
+        )
+
     def _save_checkpoint(self, server_round: int, elapsed: float) -> None:
-        arrays: dict[str, dict[str, np.ndarray]] = {"model": self.arrays}
-        arrays.update({f"optimizer:{g}": a for g, a in self.optimizer.state_dict().items()})
-        if self.best.arrays is not None:
-            arrays["best"] = self.best.arrays
-        state = {
-            "config": self.cfg.as_dict(),
-            "model": {"name": self.model_name, "keys": {k: list(v.shape) for k, v in self.arrays.items()}},
-            "sampler": self.sampler.state_dict(),
-            "best": {"round": self.best.round, "accuracy": self.best.accuracy, "loss": self.best.loss},
-            "best_version": self.best.version,
-            "highest_version": self.registry.highest,
-            "totals": dict(self.totals),
-            "handshake_rejected": dict(self.directory.rejected),
-            "privacy": self.privacy,
-            "server_dp": None if self.server_dp is None else self.server_dp.state_dict(),
-            "history": self.outputs.history,
-            "rule": self.rule.state_dict(),
-            "rollbacks": self.rollbacks,
-            "resumes": self.resumes,
-            "empty_rounds": self.empty,
-            "elapsed": elapsed,
-        }
+        self.elapsed = elapsed
+        parts, arrays = split_arrays(self.state.state_dict())
+        state = {"config": self.cfg.as_dict(), "parts": parts}
         path = self.checkpoints.save(
             Checkpoint(server_round, self.version, arrays, state), int(self.cfg["checkpoint-keep"])
         )
@@ -179,38 +229,12 @@ class ContinualRun:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``: every piece of state the uninterrupted run would hold now."""
-        state = ckpt.state
-        changed = config_changes(state["config"], self.cfg.as_dict())
-        expected = {k: list(v.shape) for k, v in self.arrays.items()}
-        if state["model"]["name"] != self.model_name or state["model"]["keys"] != expected:
-            raise StateError(
-                f"checkpoint {ckpt.path} holds a {state['model']['name']} model of another layout than this run's "
-                f"{self.model_name}"
-            )
-        # The model's own key order: safetensors stores keys sorted, and replies are screened in order.
-        order = list(self.arrays)
-        self.arrays = {k: ckpt.arrays["model"][k] for k in order}
-        best = ckpt.arrays.get("best")
-        self.optimizer.load_state_dict(
-            {g.removeprefix("optimizer:"): a for g, a in ckpt.arrays.items() if g.startswith("optimizer:")}
-        )
-        self.sampler.load_state_dict(state["sampler"])
-        self.best = Best(
-            **state["best"],
-            arrays=None if best is None else {k: best[k] for k in order},
-            version=int(state["best_version"]),
-        )
-        self.totals = Counter(state["totals"])
-        self.directory.rejected = Counter(state["handshake_rejected"])
-        self.privacy = state["privacy"]
-        if self.server_dp is not None:
-            self.server_dp.load_state_dict(state["server_dp"])
-        self.outputs.restore(state["history"])
-        self.rule.load_state_dict(state["rule"])
-        self.rollbacks, self.resumes = list(state["rollbacks"]), list(state["resumes"])
-        self.start_round, self.empty, self.elapsed_before = ckpt.round + 1, int(state["empty_rounds"]), state["elapsed"]
-        self.version = ckpt.version
-        abandoned = self.registry.abandon_after(int(state["highest_version"]))
+        changed = config_changes(ckpt.state["config"], self.cfg.as_dict())
+        if not isinstance(ckpt.state.get("parts"), dict):
+            raise StateError(f"checkpoint {ckpt.path} holds no run-state parts")
+        self.state.load_state_dict(join_arrays(ckpt.state["parts"], ckpt.arrays))
+        self.start_round, self.elapsed_before = ckpt.round + 1, self.elapsed
+        abandoned = self.registry.abandoned
         self.resumes.append(
             {
                 "after_round": ckpt.round,

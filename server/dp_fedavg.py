@@ -24,10 +24,10 @@ reproducible; it is not a cryptographically secure source.
 from __future__ import annotations
 
 import numpy as np
-from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 from opacus.accountants import create_accountant
 
 from stamen.common.errors import ConfigError
+from stamen.common.flwr_internal import clip_inputs_inplace, get_norm
 
 Arrays = dict[str, np.ndarray]
 

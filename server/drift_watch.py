@@ -11,6 +11,7 @@ server uses what the privacy boundary lets it see.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -37,6 +38,22 @@ class DriftWatch:
         self.detectors: dict[str, PageHinkley] = {}
         self.per_site: dict[str, dict[str, list[float]]] = {}
         self.detections: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Detectors' running statistics, the per-site series and every detection so far."""
+        return {
+            "detectors": {name: d.state_dict() for name, d in self.detectors.items()},
+            "per_site": copy.deepcopy(self.per_site),
+            "detections": copy.deepcopy(self.detections),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue every detector where it was; the threshold and delta stay this run's config."""
+        self.detectors = {}
+        for name, saved in state["detectors"].items():
+            self._detector(name).load_state_dict({**saved, "threshold": self.threshold, "delta": self.delta})
+        self.per_site = copy.deepcopy(state["per_site"])
+        self.detections = copy.deepcopy(state["detections"])
 
     def _detector(self, name: str) -> PageHinkley:
         if name not in self.detectors:

@@ -25,12 +25,13 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, start_http_server
 
 from stamen.common.config import StamenConfig
-from stamen.common.errors import ConfigError
+from stamen.common.errors import ConfigError, StateError
 from stamen.common.reply import REJECT_REASONS
 
 log = logging.getLogger("stamen.server")
@@ -83,6 +84,12 @@ class SiteLabels:
             return site
         self.folded.add(site)
         return OTHER
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"own": sorted(self._own), "folded": sorted(self.folded)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._own, self.folded = set(state["own"]), set(state["folded"])
 
 
 class Exporter:
@@ -148,6 +155,38 @@ class Exporter:
         if port:
             self._server = _serve(port, str(cfg["metrics-host"]), cfg, self.registry)
             log.info("metrics: %s", metrics_url(cfg))
+
+    def _counters(self) -> dict[str, Counter]:
+        """Every counter of the run, by metric name."""
+        found = [self.rounds_completed, self.rollbacks, *self.counters.values(), self.rejected, self.sent]
+        found += [self.received, self.concept_detections, *([self.site_detections] if self.per_site else [])]
+        return {c.collect()[0].name: c for c in found}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every counter's value per label set, and which sites have their own series.
+
+        A resumed run's counters continue from these rather than from 0, as the run's
+        totals in ``summary.json`` do.
+        """
+        values: dict[str, list[list[Any]]] = {}
+        for name, counter in self._counters().items():
+            values[name] = [
+                [s.labels, s.value] for metric in counter.collect() for s in metric.samples if s.name.endswith("_total")
+            ]
+        return {"counters": values, "sites": self.labels.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the counters of ``state`` (this exporter's counters are still at 0)."""
+        counters = self._counters()
+        unknown = sorted(set(state["counters"]) - set(counters))
+        if unknown:
+            raise StateError(f"saved metrics state has unknown counter(s) {', '.join(unknown)}")
+        self.labels.load_state_dict(state["sites"])
+        for name, samples in state["counters"].items():
+            for labels, value in samples:
+                (counters[name].labels(**labels) if labels else counters[name]).inc(float(value))
+        if self.per_site:
+            self.folded.set(len(self.labels.folded))
 
     def set_gauge(self, name: str, value: float | None) -> None:
         """Set an aggregate gauge, registering it at its first value (None or NaN: leave it)."""

@@ -23,17 +23,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from stamen.common.config import StamenConfig
 from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from stamen.common.errors import StamenError
+from stamen.common.flwr_internal import ErrorCode, aggregate_arrayrecords
 from stamen.common.identity import SiteSampler
 from stamen.common.instruction import schema_header
 from stamen.common.models import build_model, resolve_model_name
@@ -108,6 +107,9 @@ def screen_round(
         else:
             out.good.append(reply)
     out.missing = len(addressed) - len(seen)
+    # Site-id order, not arrival order: every figure summed over replies (weighted means,
+    # update statistics, detections) then comes out the same in a resumed run.
+    out.good.sort(key=lambda r: r.site_id)
     return out
 
 
@@ -150,7 +152,31 @@ def _weighted(replies: list[SiteReply], key: str) -> float:
 
 
 class Federation(ContinualRun):
-    """One federated run, from the initial model to the summary."""
+    """One federated run, from the initial model to the summary.
+
+    Every attribute is either run state, registered in ``self.state`` (:meth:`_register_state`),
+    or named in :attr:`TRANSIENT` with the reason it need not be saved (tests/test_run_state.py).
+    """
+
+    TRANSIENT: ClassVar[dict[str, str]] = {
+        "grid": "the engine's connection, new in every process",
+        "cfg": "saved as the checkpoint's config, compared on resume",
+        "seeds": "derived from the config's seed",
+        "on_round": "a callback",
+        "data": "loaded from the config",
+        "model_name": "from the config; the model part checks it",
+        "model": "scratch module, loaded from the global model's arrays before each evaluation",
+        "poisson": "from the config",
+        "trust": "a frozen policy built from the config",
+        "state_dir": "from the config",
+        "scenario": "from the config",
+        "tasks": "rebuilt from the restored history rows",
+        "pending": "set and consumed within one round",
+        "checkpoints": "the checkpoint store itself",
+        "start_round": "the checkpoint's round + 1",
+        "elapsed_before": "the saved elapsed time",
+        "state": "the run-state registry itself",
+    }
 
     def __init__(
         self, grid: Grid, cfg: StamenConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None
@@ -215,7 +241,7 @@ class Federation(ContinualRun):
 
     def _content(self, server_round: int, *, with_model: bool = True) -> RecordDict:
         config = {
-            **self.cfg.as_dict(),
+            **self.cfg.site_dict(),  # only the sections a site needs: server-only keys stay here
             "state-dir": self.state_dir,
             "server-round": server_round,
             "model-name": self.model_name,
@@ -315,7 +341,7 @@ class Federation(ContinualRun):
             self.optimizer, self.arrays, screened.good, server_round, self.server_dp, max(expected, 1e-12), self.trust
         )
         row.update(self.observer.updates(before, screened.good, self.arrays))
-        self._new_version(server_round, before, [r.site_id for r in screened.good])
+        self._new_version([r.site_id for r in screened.good])
         if self.server_dp is not None:
             row["server_epsilon"] = self.server_dp.epsilon(float(self.cfg["delta"]))
         row["updated"] = True
@@ -376,7 +402,7 @@ class Federation(ContinualRun):
             row["seconds"] = time.monotonic() - t0
             row["elapsed"] = self.elapsed_before + time.monotonic() - start
             if row["accuracy"] > self.best.accuracy:
-                self.best = Best(server_round, row["accuracy"], row["loss"], dict(self.arrays), self.version)
+                self.best.improve(server_round, row["accuracy"], row["loss"], self.arrays, self.version)
             if row["updated"]:
                 self._register_version(server_round, row)
             self._check_divergence(server_round, row)

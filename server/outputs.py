@@ -41,6 +41,15 @@ class RunOutputs:
         with open(self.dir / "progress.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def state_dict(self) -> dict[str, Any]:
+        """The history rows so far (a resumed run rewrites its files from them), and the
+        column order: the checkpoint's JSON sorts keys, history.csv keeps the run's order."""
+        return {"rows": [dict(row) for row in self.history], "columns": self._columns()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        order = {column: i for i, column in enumerate(state["columns"])}
+        self.restore([dict(sorted(row.items(), key=lambda kv: order.get(kv[0], len(order)))) for row in state["rows"]])
+
     def restore(self, history: list[dict[str, Any]]) -> None:
         """Continue a resumed run: its history up to the checkpoint, rounds after it dropped."""
         self.history = [dict(row) for row in history]
@@ -48,12 +57,16 @@ class RunOutputs:
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
         atomic_write_bytes(self.dir / "progress.jsonl", lines.encode(), mode=0o644)
 
-    def _write_table(self) -> None:
-        columns: list[str] = []
+    def _columns(self) -> list[str]:
+        """Every key of the history, in the order the rows first had it."""
+        columns: dict[str, None] = {}
         for r in self.history:
-            columns += [k for k in r if k not in columns]
+            columns.update(dict.fromkeys(r))
+        return list(columns)
+
+    def _write_table(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer = csv.DictWriter(buf, fieldnames=self._columns())
         writer.writeheader()
         writer.writerows(self.history)
         # rewritten every round from the history the checkpoint holds: atomic, not fsync'd

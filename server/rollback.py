@@ -17,8 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 
 @dataclass
 class DivergenceRule:
@@ -57,16 +55,3 @@ class DivergenceRule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.streak = int(state["streak"])
-
-
-def spiked_step(current: dict[str, np.ndarray], new: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
-    """The server step scaled by ``factor``: ``current + factor * (new - current)``.
-
-    For every server optimizer here the step is linear in the server learning rate, so this
-    is that round's step with ``server-lr * factor`` (the optimizer state is untouched). It
-    exists to rehearse a rollback (``server-lr-spike``), never to train.
-    """
-    return {
-        k: (x + factor * (new[k] - x)).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else new[k]
-        for k, x in current.items()
-    }

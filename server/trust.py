@@ -25,12 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
-from flwr.serverapp.strategy.multikrum import select_multikrum
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from stamen.common.config import StamenConfig
 from stamen.common.convert import arrays_to_record, record_to_arrays
+from stamen.common.flwr_internal import aggregate_arrayrecords, select_multikrum, trim_mean
 from stamen.common.reply import SiteReply
 
 log = logging.getLogger("stamen.server")

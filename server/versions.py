@@ -83,6 +83,7 @@ class VersionRegistry:
     def __init__(self, run_dir: Path, model: ModelInfo, keep: int) -> None:
         self.dir = Path(run_dir) / VERSIONS_DIR
         self.keep = keep
+        self.abandoned: list[int] = []
         path = self.dir / INDEX
         if path.exists():
             self.doc = read_index(run_dir)
@@ -107,6 +108,14 @@ class VersionRegistry:
             if e["version"] == version:
                 return e
         raise StateError(f"version {version} is not in the registry {self.dir / INDEX}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint knows of the registry: the highest number given out by then."""
+        return {"highest": self.highest}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: versions made after the checkpoint are abandoned (listed in :attr:`abandoned`)."""
+        self.abandoned = self.abandon_after(int(state["highest"]))
 
     def abandon_after(self, version: int) -> list[int]:
         """Mark versions above ``version`` (the highest the resumed checkpoint knew) abandoned."""

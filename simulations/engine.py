@@ -2,7 +2,9 @@
 
 The CLI starts this module in its own process group (so the Ray processes it spawns
 can be stopped as a group) with the run's overrides as JSON. The simulation is Flower's
-engine on Ray, the same one that scales out to a Ray cluster.
+engine on Ray, the same one that scales out to a Ray cluster. Its apps are stamen's with
+the fault-injection layer (:mod:`simulations.faults.layer`), which alone applies the
+simulation-only run-config keys.
 
 Stopping: the ServerApp runs in a thread of Flower's, and only this main thread gets
 signals, so the stop handlers (:mod:`server.stop`) are installed here. Flower's Ray backend
@@ -27,7 +29,8 @@ ENDED = ("completed", "stopped")
 def start_ray(init_args: dict[str, Any]) -> None:
     """``ray.init`` as Flower's Ray backend calls it (it then reuses this instance)."""
     import ray
-    from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
+
+    from stamen.common.flwr_internal import DEFAULT_SIMULATION_CONFIG
 
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
@@ -46,9 +49,8 @@ def main(overrides_path: str) -> int:
     spec = json.loads(Path(overrides_path).read_text())
     from flwr.simulation import run_simulation
 
-    from stamen.client.app import app as client_app
-    from stamen.server.app import make_server_app
     from stamen.server.stop import install_stop_handlers
+    from stamen.simulations.faults.layer import client_app, server_app
 
     init_args = {"include_dashboard": False, "num_cpus": spec["num_cpus"]}
     backend = {
@@ -60,8 +62,8 @@ def main(overrides_path: str) -> int:
     start_ray(init_args)
     install_stop_handlers()
     run_simulation(
-        server_app=make_server_app(spec["run_config"]),
-        client_app=client_app,
+        server_app=server_app(spec["run_config"]),
+        client_app=client_app(),
         num_supernodes=spec["clients"],
         backend_config=backend,
     )

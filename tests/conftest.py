@@ -3,18 +3,19 @@ helper that runs ``stamen simulate`` in a real process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from flwr.app import Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
-from stamen.cli.main import run_simulate_command
+from stamen.common.flwr_internal import SUPERLINK_NODE_ID, TaskIdentity
+from stamen.simulations.run import run_simulate_command
 
 
 @pytest.fixture
@@ -61,34 +62,30 @@ def run_stamen_simulate(out: Path, *args: str, timeout: float = 300) -> subproce
 def ray_processes() -> set[int]:
     """Pids of Ray daemons (raylet, gcs_server) currently alive on this machine."""
     found: set[int] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"raylet" in cmd or b"gcs_server" in cmd:
-            found.add(int(proc.name))
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            cmd = " ".join(proc.cmdline())
+            if "raylet" in cmd or "gcs_server" in cmd:
+                found.add(proc.pid)
     return found
 
 
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(parent pid, session id, start time in ticks) of a live process, None if gone or a zombie."""
+def _stat(proc: psutil.Process) -> tuple[int, int, float] | None:
+    """(parent pid, session id, creation time) of a live process, None if gone or a zombie."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        with proc.oneshot():
+            if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return None
+            return proc.ppid(), os.getsid(proc.pid), proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError):
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return None if fields[0] in ("Z", "X") else (int(fields[1]), int(fields[3]), int(fields[19]))
 
 
-def _live() -> dict[int, tuple[int, int, int]]:
-    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
-    return {pid: st for pid, st in stats.items() if st is not None}
+def _live() -> dict[int, tuple[int, int, float]]:
+    return {proc.pid: st for proc in psutil.process_iter() if (st := _stat(proc)) is not None}
 
 
-def session_processes(root: int) -> dict[int, int]:
+def session_processes(root: int) -> dict[int, float]:
     """``{pid: start}`` of every process in the sessions that ``root``'s descendants opened.
 
     ``stamen simulate`` starts its engine in a session of its own, and Ray's daemons stay in
@@ -107,9 +104,10 @@ def session_processes(root: int) -> dict[int, int]:
     return {pid: st[2] for pid, st in procs.items() if st[1] in sessions}
 
 
-def still_running(processes: dict[int, int]) -> list[int]:
+def still_running(processes: dict[int, float]) -> list[int]:
     """The processes of :func:`session_processes` that are still alive (a reused pid is not)."""
-    return [pid for pid, start in processes.items() if (st := _stat(pid)) is not None and st[2] == start]
+    live = _live()
+    return [pid for pid, start in processes.items() if pid in live and live[pid][2] == start]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 
 from stamen.client.data import SiteData
 from stamen.client.drift import REFERENCE_ENTRY, site_drift
-from stamen.client.ledger import OverBudget, PrivacyLedger
+from stamen.client.ledger import PrivacyLedger, PrivacyRefusal
 from stamen.client.stat_release import RELEASES_ENTRY
 from stamen.common.config import StamenConfig
 from stamen.common.datasets import load_dataset
@@ -107,8 +107,9 @@ def test_a_release_past_the_budget_is_refused_and_spends_nothing(tmp_path: Path)
     x, y = _digits()
     store = SiteStore(tmp_path, "site-a")
     ledger = PrivacyLedger.load(store)
-    with pytest.raises(OverBudget):
+    with pytest.raises(PrivacyRefusal, match="releasing") as refused:
         _drift(store, x, y, ledger, budget=1e-4)
+    assert refused.value.code == "statistics-release"
     assert PrivacyLedger.load(store).releases == ()
     assert store.read_json(REFERENCE_ENTRY) is None
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import FrozenInstanceError
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +229,70 @@ def test_a_resumed_run_stays_in_its_own_directory(tmp_path: Path) -> None:
     assert resolve_out_dir(cfg.replace(out_dir=str(run))) == run.resolve()
     with pytest.raises(ConfigError, match="resume-from continues the run in its own directory"):
         resolve_out_dir(cfg.replace(out_dir=str(tmp_path / "other")))
+
+
+def test_every_key_has_a_section_and_each_section_is_typed() -> None:
+    from stamen.common.config import SECTION_CLASSES, SECTION_OF, SECTIONS
+
+    assert set(SECTION_OF) == set(KEY_BY_NAME)
+    assert set(SECTIONS) == {
+        "federation", "continual", "data", "model", "local", "privacy", "server-dp", "trust", "faults",
+        "server-optimizer", "observe",
+    }  # fmt: skip
+    cfg = StamenConfig.from_mapping({"lr": 0.2, "batch-size": 64, "dp": True, "noise-multiplier": 1.1})
+    local = cfg.section("local")
+    assert (local.lr, local.batch_size) == (0.2, 64)
+    assert cfg.section("privacy").noise_multiplier == 1.1
+    with pytest.raises(FrozenInstanceError):
+        local.lr = 1.0  # type: ignore[misc]
+    for section, cls in SECTION_CLASSES.items():
+        fields = {f.name: f.type for f in dataclass_fields(cls)}
+        expected = {k.name.replace("-", "_"): k.type for k in KEYS if SECTION_OF[k.name] == section}
+        assert fields == expected
+    with pytest.raises(ConfigError, match="unknown config section"):
+        cfg.section("nosuch")
+
+
+def test_a_site_is_sent_only_its_sections_and_cannot_read_server_keys() -> None:
+    from stamen.common.config import SITE_KEYS
+
+    cfg = StamenConfig.from_mapping({"metrics-keyfile": "/srv/key.pem", "metrics-certfile": "/srv/c.pem", "lr": 0.2})
+    sent = cfg.site_dict()
+    assert set(sent) == SITE_KEYS
+    for server_only in ("metrics-keyfile", "metrics-certfile", "resume-from", "out-dir", "round-timeout"):
+        assert server_only not in sent
+    site = StamenConfig.for_site({**cfg.as_dict(), "server-round": 3})
+    assert site["lr"] == 0.2
+    with pytest.raises(ConfigError, match="'metrics-keyfile' is a server-side key"):
+        site["metrics-keyfile"]
+    assert site.replace(lr=0.3)["lr"] == 0.3
+    with pytest.raises(ConfigError, match="server-side"):
+        site.replace(lr=0.3)["resume-from"]
+
+
+def test_site_code_reads_only_site_keys() -> None:
+    """Every run-config key named in the site's code is one it is sent (a static safety net)."""
+    import re
+
+    from stamen.common.config import SITE_KEYS
+
+    root = PYPROJECT.parent
+    named: dict[str, str] = {}
+    for path in [*(root / "client").glob("*.py"), *(root / "simulations" / "faults").glob("*.py")]:
+        for key in re.findall(r"cfg\[\"([a-z0-9-]+)\"\]", path.read_text()):
+            named[key] = path.name
+    assert named, "the scan found no run-config reads: the pattern is stale"
+    assert {k: f for k, f in named.items() if k not in SITE_KEYS} == {}
+
+
+def test_simulate_options_take_their_help_and_default_from_the_key_table() -> None:
+    import typer.main
+
+    from stamen.cli.main import KEY_OPTIONS, app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["simulate"].params}  # type: ignore[attr-defined]
+    assert set(KEY_OPTIONS) <= set(params)
+    for param, name in KEY_OPTIONS.items():
+        key = KEY_BY_NAME[name]
+        assert key.help in params[param].help
+        assert f"default: {key.default!r}" in params[param].help

@@ -1,6 +1,7 @@
 """Continual runs end to end, as an operator runs them: real ``stamen simulate`` processes.
 
-Resume equivalence (DP on, half the sites per round), fall-back over a corrupt checkpoint,
+Resume equivalence (DP on, half the sites per round; and DP off under a label shift, with
+its concept-drift detections), fall-back over a corrupt checkpoint,
 SIGTERM/SIGINT stopping an unbounded run after its round, and rollback after a divergence.
 """
 
@@ -141,6 +142,39 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(
     versions = [e["version"] for e in json.loads((resumed / "versions" / "index.json").read_text())["versions"]]
     assert versions == [1, 2, 3, 4, 5, 6, 7], "the lost version 3's number is never reused"
     assert summary["version"] == 7
+
+
+# Concept drift across a resume: from round 4 every site trains only on digits 0-4, so the
+# global model forgets 5-9 and its centralized loss rises; the Page-Hinkley detector on it
+# (threshold 0.2 nats) fires in round 6 only if it kept rounds 1-5's statistics. DP off:
+# the run is reproducible bit for bit. Federated evaluation every round: only on the last
+# round it would run in round 5 of the 5-round run and not in the uninterrupted one.
+SHIFT_RUN = (
+    *("--clients", "4", "--dataset", "digits", "--lr", "0.1", "--local-epochs", "3"),
+    *("--set", "partition=iid", "--set", "eval-every=1", "--set", "lr-horizon-rounds=6"),
+    *("--set", "label-shift-round=4", "--set", "label-shift-sites=site-0000,site-0001,site-0002,site-0003"),
+    *("--set", "drift-ph-threshold=0.2"),
+)
+WALL_TIME = ("seconds", "elapsed")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_drift_detectors_and_history(tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_stamen_simulate(straight, *SHIFT_RUN, "--rounds", "6")
+    run_stamen_simulate(resumed, *SHIFT_RUN, "--rounds", "5")
+    run_stamen_simulate(resumed, "--resume", str(resumed), "--rounds", "6")
+
+    expected, got = _summary(straight), _summary(resumed)
+    assert got["resumes"][0]["after_round"] == 5
+    rows = [{k: v for k, v in r.items() if k not in WALL_TIME} for r in got["history"]]
+    assert rows == [{k: v for k, v in r.items() if k not in WALL_TIME} for r in expected["history"]]
+    assert got["drift"] == expected["drift"]
+    detections = expected["drift"]["detections"]
+    assert {"round": 6, "series": "global"} in detections, "the shift is detected, after the resume point"
+    assert rows[5]["concept_drift"] == 1 and rows[4]["drift_label_psi_max"] > 1
+    table = (resumed / "history.csv").read_text().splitlines()
+    assert len(table) == 7 and table[0] == (straight / "history.csv").read_text().splitlines()[0]
 
 
 def _wait_for_rows(progress: Path, rows: int, proc: subprocess.Popen[str], deadline: float) -> int:

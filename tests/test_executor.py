@@ -8,9 +8,9 @@ from importlib.metadata import version
 
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 
 from stamen.client.executor import FAB_ID, WarmExecutor
+from stamen.common.flwr_internal import ErrorCode
 
 
 @pytest.fixture

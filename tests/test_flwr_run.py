@@ -1,6 +1,6 @@
 """``flwr run .`` works on the repo as on any Flower app.
 
-flwr 1.41 keeps SuperLink connections in ``$FLWR_HOME/config.toml``; a fresh FLWR_HOME
+flwr 1.42 keeps SuperLink connections in ``$FLWR_HOME/config.toml``; a fresh FLWR_HOME
 gets the default connection ``local`` (address ``:local:``), for which ``flwr run``
 lazily starts a detached ``flower-superlink --simulation`` that outlives the command.
 Flower writes no pid file for it, but its command line names its log file,
@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,61 +42,53 @@ ORPHAN_GRACE = 15.0  # seconds the SuperLink's children get to exit on their own
 ROUNDS = 2
 
 
-# --- /proc helpers (Linux; no psutil) -------------------------------------------------
+# --- process helpers (psutil) ---------------------------------------------------------
+
+GONE = (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError)
 
 
 class Stat(NamedTuple):
-    state: str
     ppid: int
     sid: int
-    start: int  # clock ticks since boot: with the pid, names one process exactly
+    start: float  # creation time: with the pid, names one process exactly
 
 
-def _stat(pid: int) -> Stat | None:
+def _stat(proc: psutil.Process) -> Stat | None:
+    """``proc``'s :class:`Stat`; None if it is gone or a zombie (a zombie has stopped)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        with proc.oneshot():
+            if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return None
+            return Stat(proc.ppid(), os.getsid(proc.pid), proc.create_time())
+    except GONE:
         return None
-    f = raw[raw.rindex(")") + 2 :].split()  # comm may hold spaces and parentheses
-    return Stat(f[0], int(f[1]), int(f[3]), int(f[19]))
 
 
-def _live(st: Stat | None) -> bool:
-    return st is not None and st.state not in ("Z", "X")  # a zombie has stopped
-
-
-def _alive(pid: int, start: int) -> bool:
+def _alive(pid: int, start: float) -> bool:
     """Whether the process ``(pid, start)`` still runs: a reused pid is another process."""
-    st = _stat(pid)
-    return _live(st) and st is not None and st.start == start
-
-
-def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
+        st = _stat(psutil.Process(pid))
+    except GONE:
+        return False
+    return st is not None and st.start == start
 
 
-def _pids() -> Iterator[int]:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            yield int(entry.name)
+def _procs() -> Iterator[psutil.Process]:
+    yield from (proc for proc in psutil.process_iter() if proc.pid != os.getpid())
 
 
-def _superlinks(log_file: Path) -> dict[int, int]:
+def _superlinks(log_file: Path) -> dict[int, float]:
     """``{pid: start}`` of every live ``flower-superlink`` logging to ``log_file``."""
     found = {}
-    for pid in _pids():
+    for proc in _procs():
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
+            args = proc.cmdline()
+        except GONE:
             continue
         if not any(Path(a).name == "flower-superlink" for a in args[:2]) or "--log-file" not in args[:-1]:
             continue
-        if args[args.index("--log-file") + 1] == str(log_file) and _live(st := _stat(pid)):
-            assert st is not None
-            found[pid] = st.start
+        if args[args.index("--log-file") + 1] == str(log_file) and (st := _stat(proc)) is not None:
+            found[proc.pid] = st.start
     return found
 
 
@@ -104,18 +97,17 @@ class RunProcesses:
 
     def __init__(self, flwr_home: Path) -> None:
         """Call before starting ``flwr run`` (with ``start_new_session``), then :meth:`add_session`."""
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        self.since = int(uptime * os.sysconf("SC_CLK_TCK")) - 1  # ticks since boot, as in /proc/PID/stat
+        self.since = time.time() - 1.0
         self.sids: set[int] = set()
         self.log_file = flwr_home / "local-superlink" / "superlink.log"
-        self.marker = f"FLWR_HOME={flwr_home}".encode()
+        self.flwr_home = str(flwr_home)
 
     def add_session(self, sid: int) -> None:
         self.sids.add(sid)
 
     def refresh(self) -> None:
         """Add the sessions of the SuperLink and of all its descendants."""
-        procs = {pid: st for pid in _pids() if _live(st := _stat(pid))}
+        procs = {proc.pid: st for proc in _procs() if (st := _stat(proc)) is not None}
         todo = list(self._mine(procs))
         seen = set(todo)
         while todo:
@@ -129,20 +121,19 @@ class RunProcesses:
         yield from (pid for pid in _superlinks(self.log_file) if pid in procs)
         yield from (pid for pid, st in procs.items() if st.sid in self.sids and st.start >= self.since)
 
-    def members(self) -> dict[int, tuple[int, str]]:
+    def members(self) -> dict[int, tuple[float, str]]:
         """``{pid: (start, command line)}`` of every live process of the run."""
         found = {}
-        for pid in _pids():
-            st = _stat(pid)
-            if not _live(st) or st is None or st.start < self.since:
+        for proc in _procs():
+            st = _stat(proc)
+            if st is None or st.start < self.since:
                 continue
-            if st.sid not in self.sids:
-                try:
-                    if self.marker not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                        continue
-                except OSError:
+            try:
+                if st.sid not in self.sids and proc.environ().get("FLWR_HOME") != self.flwr_home:
                     continue
-            found[pid] = (st.start, _cmdline(pid)[:120])
+                found[proc.pid] = (st.start, " ".join(proc.cmdline())[:120])
+            except GONE:
+                continue
         return found
 
 
@@ -150,15 +141,15 @@ def _is_ray(cmdline: str) -> bool:
     return any(name in cmdline for name in ("raylet", "gcs_server", "ray::", "/ray/"))
 
 
-def _stop(pid: int, start: int, grace: float) -> str:
+def _stop(pid: int, start: float, grace: float) -> str:
     """SIGTERM ``(pid, start)``, SIGKILL it after ``grace`` s; say how it ended."""
     how = "already gone"
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         if not _alive(pid, start):
             return how
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+            psutil.Process(pid).send_signal(sig)
+        except GONE:
             return how
         how = sig.name
         deadline = time.monotonic() + wait
@@ -167,7 +158,7 @@ def _stop(pid: int, start: int, grace: float) -> str:
     return how if not _alive(pid, start) else f"still alive after {how}"
 
 
-def _wait_gone(procs: dict[int, tuple[int, str]], timeout: float) -> dict[int, tuple[int, str]]:
+def _wait_gone(procs: dict[int, tuple[float, str]], timeout: float) -> dict[int, tuple[float, str]]:
     """Those of ``procs`` still alive after up to ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -198,8 +189,6 @@ def test_flwr_run_streams_a_local_simulation_and_writes_the_run_directory(tmp_pa
     flwr = BIN / "flwr"
     if not flwr.exists() or not (BIN / "flower-superlink").exists():
         pytest.skip(f"no flwr / flower-superlink next to {sys.executable}")
-    if not Path("/proc/self/stat").exists():
-        pytest.skip("needs Linux /proc to find the SuperLink by pid")
 
     flwr_home = tmp_path / "flwr-home"
     out_dir = tmp_path / "run"

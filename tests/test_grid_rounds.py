@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Message, MessageType, RecordDict
 
 from stamen.common.config import StamenConfig
+from stamen.common.flwr_internal import set_message_id
 from stamen.server.grid_rounds import exchange, wait_for_nodes
 from stamen.server.loop import Federation, RunFailed
 
@@ -43,7 +44,7 @@ class FakeGrid:
         for mid in message_ids:
             msg = self.pushed[mid]
             if msg.metadata.dst_node_id in self.answering:
-                msg.metadata.__dict__["_message_id"] = mid
+                set_message_id(msg, mid)
                 out.append(Message(RecordDict(), reply_to=msg))
         return out
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 from opacus import GradSampleModule
 from torch import nn
 
 from stamen.common.convert import WRAPPER_PREFIX, arrays_to_record, load_arrays, model_to_arrays
+from stamen.common.flwr_internal import ErrorCode
 from stamen.common.reply import (
     EVAL_METRICS,
     REPLY_SCHEMA_VERSION,

@@ -10,7 +10,8 @@ import pytest
 from stamen.common.config import StamenConfig
 from stamen.server.observe import RoundObserver
 from stamen.server.optimizers.factory import make_server_optimizer
-from stamen.server.rollback import DivergenceRule, spiked_step
+from stamen.server.rollback import DivergenceRule
+from stamen.simulations.faults.lr_spike import spiked_step
 
 
 def test_nan_fires_at_once() -> None:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from stamen.cli.main import with_scenario_defaults
 from stamen.client.data import simulated_split
 from stamen.client.stream import rotate, stream_view
 from stamen.common.config import StamenConfig
 from stamen.common.datasets import load_dataset
 from stamen.common.errors import ConfigError
 from stamen.common.scenario import BUNDLED_DIR, load_scenario, parse_scenario
+from stamen.simulations.run import with_scenario_defaults
 
 SITES = 3
 

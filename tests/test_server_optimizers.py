@@ -6,15 +6,13 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAdam as FlwrFedAdam
 from flwr.serverapp.strategy import FedAvg as FlwrFedAvg
 from flwr.serverapp.strategy import FedAvgM as FlwrFedAvgM
 from flwr.serverapp.strategy import FedYogi as FlwrFedYogi
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.task_identity import TaskIdentity
 
 from stamen.common.errors import ConfigError, StateError
+from stamen.common.flwr_internal import SUPERLINK_NODE_ID, TaskIdentity, aggregate_arrayrecords
 from stamen.server.optimizers import (
     Arrays,
     FedAdam,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: deploy/tls scripts, the Flower app directory
 BIN = Path(sys.executable).parent
@@ -37,28 +38,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
 def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first)."""
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    """Every live descendant of ``pid``."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
 def _pgid(pid: int) -> int | None:
@@ -70,10 +55,9 @@ def _pgid(pid: int) -> int | None:
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    return state not in ("Z", "X")
 
 
 @dataclass
@@ -217,10 +201,10 @@ class Loopback:
         """The ``flower-supernode`` process under a ``stamen node``."""
         for pid in descendants(proc.popen.pid):
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
+                cmdline = psutil.Process(pid).cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if any(Path(a.decode(errors="replace")).name == "flower-supernode" for a in cmdline[:2]):
+            if any(Path(a).name == "flower-supernode" for a in cmdline[:2]):
                 return pid
         return None
 

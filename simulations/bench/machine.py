@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from stamen.common.runrecord import git_commit, package_versions
 from stamen.simulations.bench.periodic import Periodic
 
 
 def _cpu_model() -> str:
+    """The CPU's model name: psutil does not report it, and ``platform.processor()`` is empty on Linux."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -22,14 +25,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+def _memory_gib() -> float:
+    return round(psutil.virtual_memory().total / 2**30, 1)
 
 
 def _gpu() -> str | None:

@@ -3,9 +3,10 @@
 A Flower simulation is the stamen CLI, its engine child, and Ray's processes (GCS, raylet,
 agents, one worker per actor). The tree is every descendant of the root, plus every
 member of a session led by one of them (a process that daemonized under a tree member's
-session still counts). Memory is PSS from ``/proc/PID/smaps_rollup``: summed RSS counts
-pages shared between Ray's processes once per process. psutil is not a dependency and
-its ``memory_full_info`` reads the slower full ``smaps``, so /proc is read directly.
+session still counts). Memory is PSS: summed RSS counts pages shared between Ray's
+processes once per process. psutil reads it (``memory_full_info``, from ``smaps_rollup``
+since psutil 5.9.1); a process is known by its pid and its creation time, so a recycled
+pid is never taken for a member.
 """
 
 from __future__ import annotations
@@ -18,46 +19,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import psutil
+
 from stamen.simulations.bench.periodic import Periodic
 
-PROC = Path("/proc")
-
-
-TICKS = os.sysconf("SC_CLK_TCK")
+GONE = (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError)
 
 
 class Stat(NamedTuple):
-    """The fields of ``/proc/PID/stat`` the tree needs (times in clock ticks)."""
+    """What the tree needs of one live process."""
 
     ppid: int
     sid: int
-    started: int
-    cpu: int  # user + system time
+    started: float  # creation time (seconds since the epoch): with the pid, the process's identity
+    cpu: float  # user + system seconds
 
 
-def _stat(pid: int) -> Stat | None:
-    """``pid``'s :class:`Stat`; None if it is gone or a zombie."""
+def _stat(proc: psutil.Process) -> Stat | None:
+    """``proc``'s :class:`Stat`; None if it is gone or a zombie."""
     try:
-        raw = (PROC / str(pid) / "stat").read_text()
-    except OSError:
+        with proc.oneshot():
+            if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return None
+            times = proc.cpu_times()
+            return Stat(proc.ppid(), os.getsid(proc.pid), proc.create_time(), times.user + times.system)
+    except GONE:
         return None
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    fields = raw[raw.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return Stat(int(fields[1]), int(fields[3]), int(fields[19]), int(fields[11]) + int(fields[12]))
 
 
 def _all_stats() -> dict[int, Stat]:
-    out = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
-            out[int(entry.name)] = st
-    return out
+    return {p.pid: st for p in psutil.process_iter() if (st := _stat(p)) is not None}
 
 
-def tree(root: int) -> dict[int, int]:
-    """pid -> start time of ``root`` and every process that belongs to its tree."""
+def _process(pid: int, started: float) -> tuple[psutil.Process, Stat] | None:
+    """The live, non-zombie process ``pid`` and its :class:`Stat`, if it is still the one created at ``started``."""
+    try:
+        proc = psutil.Process(pid)
+    except GONE:
+        return None
+    st = _stat(proc)
+    return (proc, st) if st is not None and st.started == started else None
+
+
+def tree(root: int) -> dict[int, float]:
+    """pid -> creation time of ``root`` and every process that belongs to its tree."""
     stats = _all_stats()
     if root not in stats:
         return {}
@@ -77,24 +82,19 @@ def tree(root: int) -> dict[int, int]:
 
 
 def rollup(pid: int) -> tuple[int, int]:
-    """(PSS, RSS) of ``pid`` in bytes from ``smaps_rollup``; (0, 0) if it is gone."""
+    """(PSS, RSS) of ``pid`` in bytes; (0, 0) if it is gone."""
     try:
-        text = (PROC / str(pid) / "smaps_rollup").read_text()
-    except OSError:
+        mem = psutil.Process(pid).memory_full_info()
+    except GONE:
         return 0, 0
-    found = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Pss", "Rss"):
-            found[key] = int(rest.split()[0]) * 1024
-    return found.get("Pss", 0), found.get("Rss", 0)
+    return mem.pss, mem.rss
 
 
 def label(pid: int) -> str:
     """A short name for a tree member: Ray's process title, the ``-m`` module, or the program."""
     try:
-        args = [a for a in (PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0") if a]
-    except OSError:
+        args = [a for a in psutil.Process(pid).cmdline() if a]
+    except GONE:
         return "?"
     if not args:
         return "?"
@@ -117,24 +117,23 @@ class TreeWatch(Periodic):
     root: int
     interval: float = 0.5
     memory: bool = False
-    seen: dict[int, int] = field(default_factory=dict)
+    seen: dict[int, float] = field(default_factory=dict)
     peak_pss: int = 0
     peak_rss: int = 0
     peak_processes: int = 0
     peak_breakdown: dict[str, int] = field(default_factory=dict)
-    cpu: dict[tuple[int, int], int] = field(default_factory=dict)
+    cpu: dict[tuple[int, float], float] = field(default_factory=dict)
 
     def cpu_seconds(self) -> float:
         """CPU seconds used by the tree's members so far (a member's last sample once it is gone)."""
         for pid, started in tree(self.root).items():
             self._add_cpu(pid, started)
-        return sum(self.cpu.values()) / TICKS
+        return sum(self.cpu.values())
 
-    def _add_cpu(self, pid: int, started: int) -> None:
-        st = _stat(pid)
-        if st is not None and st.started == started:
+    def _add_cpu(self, pid: int, started: float) -> None:
+        if (found := _process(pid, started)) is not None:
             key = (pid, started)
-            self.cpu[key] = max(self.cpu.get(key, 0), st.cpu)
+            self.cpu[key] = max(self.cpu.get(key, 0.0), found[1].cpu)
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
@@ -158,13 +157,12 @@ class TreeWatch(Periodic):
                     self.peak_breakdown[name] = self.peak_breakdown.get(name, 0) + value
 
 
-def _alive(pid: int, started: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st.started == started
+def _alive(pid: int, started: float) -> bool:
+    return _process(pid, started) is not None
 
 
-def stop_processes(procs: dict[int, int], grace: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL, the still-running processes of ``procs`` (pid -> start time).
+def stop_processes(procs: dict[int, float], grace: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL, the still-running processes of ``procs`` (pid -> creation time).
 
     Only processes seen in the tree are signalled, and only while their start time still
     matches (a recycled pid is someone else's). Returns how many had to be stopped.
@@ -173,9 +171,9 @@ def stop_processes(procs: dict[int, int], grace: float = 10.0) -> int:
     count = len(left)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for pid, started in left.items():
-            if _alive(pid, started):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+            if (found := _process(pid, started)) is not None:
+                with contextlib.suppress(*GONE):
+                    found[0].send_signal(sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(_alive(p, s) for p, s in left.items()):
             time.sleep(0.1)

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stamen.cli.main import run_simulate_command
 from stamen.common.errors import StamenError
+from stamen.simulations.run import run_simulate_command
 
 REPLAY_SIZE = 200
 SETTINGS = {False: ("split-mnist", 5), True: ("split-digits", 3)}

@@ -6,8 +6,10 @@ attack: ``scale`` sends the global model plus ``attack-scale`` times its update,
 trains on labels ``C - 1 - y``, ``nan`` sends NaN everywhere, ``stale`` replays the model it
 sent in the first round it trained (kept in its state store) every round after.
 
-A real node (node config without ``partition-id``) refuses any instruction carrying an
-attack, so a run config with one cannot poison a deployment: every node answers with an error.
+Only the simulation's fault layer (:mod:`simulations.faults.layer`) applies these; the
+production ClientApp refuses any instruction that sets them, and even within the layer a
+real node (node config without ``partition-id``) refuses an attack, so a run config with one
+cannot poison a deployment: every node answers with an error.
 """
 
 from __future__ import annotations

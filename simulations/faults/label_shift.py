@@ -5,6 +5,7 @@ classes (labels < num_classes // 2).
 P(y) changes while P(x | y) stays the same (a pure label shift), on a known round, so a
 test can measure how fast the drift metrics see it. Held-out data is left as it was.
 Richer scenarios (covariate shift, concept drift, streams) are the scenario files' job.
+Applied by the simulation's fault layer (:mod:`simulations.faults.layer`) only.
 """
 
 from __future__ import annotations

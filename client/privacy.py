@@ -1,0 +1,117 @@
+"""The site's privacy front door: one object per DP round, as Opacus has ``PrivacyEngine``.
+
+A DP round touches the site's ledger(s) four times: releases of statistics (drift
+histograms), the round's plan (released size, noise, rate, which shards), the charge of
+the executed steps, and the report sent with the update. :class:`SitePrivacy` does all
+four over ledgers it reads from the store **once per round** and keeps in memory; every
+charge is written atomically through them (:meth:`PrivacyLedger.record`) before the
+caller builds its reply, so a crash can only over-count. Anything refused raises
+:class:`~stamen.client.ledger.PrivacyRefusal`, the one refusal type, and spends nothing.
+
+A round on a site::
+
+    privacy = SitePrivacy(store, cfg, budget)
+    drift = privacy.release_statistics(view.shard_names, lambda ledger: site_drift(..., ledger=ledger))
+    plan = privacy.plan(pool, seed)            # PrivacyRefusal if the round would overspend
+    result = train_private(model, plan.pool.x, plan.pool.y, ..., noise_multiplier=plan.noise_multiplier)
+    privacy.charge(plan, result, update_digest(arrays, result.metrics()))
+    reply arrays with {**result.metrics(), **drift, **privacy.report(plan, result)}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from stamen.client.dp import DPTrainResult
+from stamen.client.ledger import LEDGER_ENTRY, Ledger, PrivacyLedger, PrivacyRefusal
+from stamen.client.pool import TrainingPool
+from stamen.client.resend import SentUpdates
+from stamen.client.shard_privacy import PrivatePlan, ShardLedgers, plan_private_round, spent
+from stamen.common.config import StamenConfig
+from stamen.common.state import SiteStore
+
+log = logging.getLogger("stamen.client")
+
+__all__ = ["Ledger", "PrivacyRefusal", "SitePrivacy"]
+
+
+class SitePrivacy:
+    """One DP round's privacy on one site, under the run's ``privacy-policy`` and the site's ``budget``.
+
+    Build a new one every round: it caches the ledgers it reads, and a ledger changed by
+    another process between rounds must be read again.
+    """
+
+    def __init__(self, store: SiteStore, cfg: StamenConfig, budget: float) -> None:
+        self._store = store
+        self._cfg = cfg
+        self.budget = budget
+        self._ledgers: dict[str, PrivacyLedger] = {}
+
+    @property
+    def per_shard(self) -> bool:
+        return self._cfg["privacy-policy"] != "refuse"
+
+    def ledger(self, name: str = LEDGER_ENTRY) -> PrivacyLedger:
+        """The ledger stored as ``name``, read from the store the first time this round asks for it."""
+        if name not in self._ledgers:
+            self._ledgers[name] = PrivacyLedger.load(self._store, str(self._cfg["accountant"]), name)
+        return self._ledgers[name]
+
+    def statistics_ledger(self, shards: Iterable[str]) -> Ledger:
+        """Who pays for releasing statistics of data from ``shards``: the site's ledger, or every one of them."""
+        return ShardLedgers.load(self.ledger, shards) if self.per_shard else self.ledger()
+
+    def release_statistics(
+        self, shards: Iterable[str], release: Callable[[Ledger], dict[str, float]]
+    ) -> dict[str, float]:
+        """``release(ledger)``: statistics of data from ``shards``, charged to who pays for them.
+
+        Under ``refuse`` a release the site cannot pay for refuses the round (it raises);
+        under ``per-shard`` it only means no such statistics this round: the plan then
+        decides which shards may still train.
+        """
+        try:
+            return release(self.statistics_ledger(shards))
+        except PrivacyRefusal as exc:
+            if not self.per_shard:
+                raise
+            log.info("site %s: no statistics this round (a shard cannot pay for them): %s", self._store.site_id, exc)
+            return {}
+
+    def plan(self, pool: TrainingPool, seed: int) -> PrivatePlan:
+        """The round to run (:func:`client.shard_privacy.plan_private_round`); PrivacyRefusal if none fits."""
+        plan = plan_private_round(pool, self._store, self._cfg, self.budget, seed, self.ledger)
+        if plan.excluded:
+            left_out = ", ".join(sorted(plan.excluded))
+            log.info("site %s: shards out of budget left out: %s", self._store.site_id, left_out)
+        return plan
+
+    def charge(self, plan: PrivatePlan, result: DPTrainResult, digest: str) -> bool:
+        """Charge the executed round to the plan's ledgers, then remember the update's ``digest``.
+
+        A redone round (the server resumed from an older checkpoint) re-sends the identical
+        update: already charged, so not charged again (:mod:`client.resend`). Returns
+        whether this call charged.
+        """
+        sent = SentUpdates(self._store)
+        if digest in sent:
+            log.info("site %s: identical update already sent and charged", self._store.site_id)
+            return False
+        plan.commit(result)
+        sent.add(digest)
+        return True
+
+    def report(self, plan: PrivatePlan, result: DPTrainResult) -> dict[str, float]:
+        """The reply's privacy metrics: the round's released size, noise and rate, and the worst-off ledger."""
+        epsilon, ledger = spent(self._store, self._cfg, self.ledger)
+        return {
+            "num-examples": plan.count,
+            "epsilon": epsilon,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": result.sample_rate,
+            "ledger-steps": ledger.steps,
+            "ledger-rounds": ledger.rounds,
+            "ledger-releases": len(ledger.releases),
+        }
