@@ -30,6 +30,7 @@ from stamen.common.convert import load_arrays, record_to_arrays
 from stamen.common.datasets import load_dataset
 from stamen.common.models import build_model
 from stamen.common.runrecord import derive_seeds
+from stamen.server.strategy import StamenStrategy
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
 SITE = "site-0000"
@@ -127,3 +128,14 @@ def test_a_real_node_refuses_seeded_noise(tmp_path: Path) -> None:
     reason = str(reply.content.config_records["meta"]["reason"])
     assert "'dp-noise' = 'seeded'" in reason and "real node refuses" in reason
     assert not (tmp_path / "state" / SITE / "privacy_ledger.json").exists(), "nothing trained or charged"
+
+
+@pytest.mark.parametrize("noise", ["secret", "seeded"])
+def test_server_dp_noise_is_fresh_entropy_unless_seeded(noise: str) -> None:
+    """The server's DP-FedAvg noise: the run seed (which the sites know) fixes it only under ``seeded``."""
+    reference = {"w": np.zeros((4, 4), dtype=np.float32)}
+    draws = [
+        StamenStrategy({"server-dp-clip": 1.0, "dp-noise": noise}).server_dp.noise(reference, 1)["w"] for _ in range(2)
+    ]
+    assert np.array_equal(draws[0], draws[1]) == (noise == "seeded")
+    assert np.any(draws[0] != 0)
