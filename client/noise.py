@@ -88,7 +88,7 @@ def attempt_seeds(mode: str, store: SiteStore, public_seed: int, server_round: i
     """Seeds for one training attempt: secret and fresh (``secret``), or from ``public_seed`` (``seeded``).
 
     ``public_seed`` is the round's seed from the run config (``round_seed``); under
-    ``seeded`` the draws are exactly those of earlier stamen versions.
+    ``seeded`` these are the seeds earlier stamen versions used, so DP-SGD draws as they did.
     """
     if mode == "seeded":
         return NoiseSeeds(sampling=public_seed, noise=public_seed + 1, releases=public_seed)
