@@ -27,10 +27,10 @@ from flwr.clientapp import ClientApp
 from stamen.client.dp import train_private
 from stamen.client.drift import site_drift
 from stamen.client.ledger import Ledger, PrivacyRefusal
+from stamen.client.noise import attempt_seeds, check_noise_mode
 from stamen.client.pool import TrainingPool
 from stamen.client.privacy import SitePrivacy
 from stamen.client.replay import ReplayBuffer
-from stamen.client.resend import update_digest
 from stamen.client.sources import site_view
 from stamen.client.train import pick_device, round_seed, train_local
 from stamen.client.view import SiteView
@@ -153,6 +153,7 @@ def train(msg: Message, context: Context, data_transform: DataTransform | None =
     """
     try:
         ins = Instruction(msg, context)
+        check_noise_mode(str(ins.cfg["dp-noise"]), ins.node_config)
         store = ins.store()
         view = ins.view(ingest=True)
         if data_transform is not None:
@@ -240,26 +241,32 @@ def _train_private(
 
     Statistics are released (and charged) before the round is planned, so the plan sees
     everything already spent; the executed steps are charged before the reply is built.
-    A round the budget cannot pay for raises :class:`PrivacyRefusal`.
+    A round the budget cannot pay for raises :class:`PrivacyRefusal`. Every draw here is
+    seeded by :func:`client.noise.attempt_seeds`: secret and fresh per attempt unless the
+    run chose ``dp-noise = seeded`` (then from the public round ``seed``).
     """
     cfg = ins.cfg
+    seeds = attempt_seeds(str(cfg["dp-noise"]), store, seed, ins.server_round)
     privacy = SitePrivacy(store, cfg, _budget(ins))
-    drift = privacy.release_statistics(view.shard_names, lambda ledger: _drift(ins, view, store, seed, ledger))
-    plan = privacy.plan(pool, seed)
+    drift = privacy.release_statistics(
+        view.shard_names, lambda ledger: _drift(ins, view, store, seeds.releases, ledger)
+    )
+    plan = privacy.plan(pool, seeds.releases)
     result = train_private(
         model,
         plan.pool.x,
         plan.pool.y,
         cfg,
         server_round=ins.server_round,
-        seed=seed,
+        seed=seeds.sampling,
+        noise_seed=seeds.noise,
         device=device,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=float(cfg["max-grad-norm"]),
         planned_examples=plan.count,
         accountant_name=str(cfg["accountant"]),
     )
-    privacy.charge(plan, result, update_digest(model_to_arrays(model), result.metrics()))
+    privacy.charge(plan, result)
     _record_participation(store, ins, result.num_examples)
     metrics = {**result.metrics(), **drift, **privacy.report(plan, result)}
     if not ins.public_stats:

@@ -14,7 +14,7 @@ A round on a site::
     drift = privacy.release_statistics(view.shard_names, lambda ledger: site_drift(..., ledger=ledger))
     plan = privacy.plan(pool, seed)            # PrivacyRefusal if the round would overspend
     result = train_private(model, plan.pool.x, plan.pool.y, ..., noise_multiplier=plan.noise_multiplier)
-    privacy.charge(plan, result, update_digest(arrays, result.metrics()))
+    privacy.charge(plan, result)
     reply arrays with {**result.metrics(), **drift, **privacy.report(plan, result)}
 """
 
@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from stamen.client.dp import DPTrainResult
 from stamen.client.ledger import LEDGER_ENTRY, Ledger, PrivacyLedger, PrivacyRefusal
 from stamen.client.pool import TrainingPool
-from stamen.client.resend import SentUpdates
 from stamen.client.shard_privacy import PrivatePlan, ShardLedgers, plan_private_round, spent
 from stamen.common.config import StamenConfig
 from stamen.common.state import SiteStore
@@ -88,20 +87,15 @@ class SitePrivacy:
             log.info("site %s: shards out of budget left out: %s", self._store.site_id, left_out)
         return plan
 
-    def charge(self, plan: PrivatePlan, result: DPTrainResult, digest: str) -> bool:
-        """Charge the executed round to the plan's ledgers, then remember the update's ``digest``.
+    def charge(self, plan: PrivatePlan, result: DPTrainResult) -> None:
+        """Charge the executed round to the plan's ledgers.
 
-        A redone round (the server resumed from an older checkpoint) re-sends the identical
-        update: already charged, so not charged again (:mod:`client.resend`). Returns
-        whether this call charged.
+        Every attempt is charged, a redone round too (the server resumed from an older
+        checkpoint): its noise is fresh (:mod:`client.noise`), so it is a new release.
+        Under ``dp-noise = seeded`` a redo may repeat an update; it is charged anyway, as
+        privacy spent is never under-counted.
         """
-        sent = SentUpdates(self._store)
-        if digest in sent:
-            log.info("site %s: identical update already sent and charged", self._store.site_id)
-            return False
         plan.commit(result)
-        sent.add(digest)
-        return True
 
     def report(self, plan: PrivatePlan, result: DPTrainResult) -> dict[str, float]:
         """The reply's privacy metrics: the round's released size, noise and rate, and the worst-off ledger."""

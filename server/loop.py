@@ -214,7 +214,7 @@ class Federation(ContinualRun):
                 float(cfg["server-dp-clip"]),
                 float(cfg["server-dp-noise"]),
                 float(cfg["fraction-train"]) if self.poisson else 1.0,
-                self.seeds["server_noise"],
+                self.seeds["server_noise"] if cfg["dp-noise"] == "seeded" else None,
                 str(cfg["accountant"]),
             )
             if float(cfg["server-dp-clip"]) > 0
@@ -478,6 +478,7 @@ class Federation(ContinualRun):
                 "budget": self.cfg.epsilon_budget,
                 "refused": self.totals["refused"],
                 "per_client": dict(sorted(self.privacy.items())),
+                "noise": str(self.cfg["dp-noise"]),
             }
         if self.server_dp is not None:
             summary["server_privacy"] = {
@@ -490,6 +491,7 @@ class Federation(ContinualRun):
                 "site_sampling": str(self.cfg["site-sampling"]),
                 "sample_rate": self.server_dp.sample_rate,
                 "rounds": self.server_dp.rounds,
+                "noise": str(self.cfg["dp-noise"]),
             }
         self.outputs.write_summary(summary)
         return summary

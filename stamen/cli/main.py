@@ -163,6 +163,8 @@ def simulate(
     summary = result.summary
     privacy = summary.get("privacy")
     spent = f", epsilon max {privacy['epsilon_max']:.2f} (delta {privacy['delta']:g})" if privacy else ""
+    if (privacy or summary.get("server_privacy")) and plan.cfg["dp-noise"] == "seeded":
+        spent += ", DP noise SEEDED from the run seed (research only: not private against the server)"
     if summary.get("tasks"):
         spent += f", mean forgetting {summary['tasks']['forgetting_mean']:.3f}"
     final = summary["final"]
