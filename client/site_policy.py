@@ -21,9 +21,14 @@ its accountant, its policy and its delta.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from flwr.app import Context, Message
 
 from stamen.client.ledger import PrivacyRefusal
 from stamen.common.config import StamenConfig
@@ -38,6 +43,41 @@ POLICY_KEYS = (
     "site-min-noise",
     "site-max-sample-rate",
 )
+
+
+#: Every node-config key a site policy file (``stamen simulate --site-policy``) may set.
+POLICY_FILE_KEYS = (*POLICY_KEYS, "epsilon-budget", "dp-public-stats")
+
+
+def load_policy_file(path: Path) -> dict[str, Any]:
+    """The node-config keys of a site policy file (TOML, or JSON by its ``.json`` suffix), checked.
+
+    ``stamen simulate --site-policy FILE`` gives every simulated site this policy: Flower's
+    ``run_simulation`` takes no per-node config, so the simulation's ClientApp adds these
+    keys to each site's node config (:func:`with_site_policy`).
+    """
+    try:
+        text = path.read_text()
+        keys = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"site policy file {path}: {exc}") from exc
+    unknown = sorted(set(keys) - set(POLICY_FILE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"site policy file {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(POLICY_FILE_KEYS)}"
+        )
+    if "site-dp" not in keys:
+        raise ConfigError(f"site policy file {path} must set site-dp (true: DP required)")
+    SitePolicy.of(keys, StamenConfig.from_mapping({}))  # ConfigError on a bad value
+    return dict(keys)
+
+
+def with_site_policy(
+    policy: Mapping[str, Any], msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """A Flower mod (bind ``policy`` with functools.partial): the site's node config gets the policy's keys."""
+    context.node_config.update(policy)
+    return call_next(msg, context)
 
 
 def _flag(value: Any) -> bool:

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 from clientdrive import NODE_ID, OneSite
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from stamen.client import app as client_app
 from stamen.client.ledger import LEDGER_ENTRY, PrivacyLedger, migrate_ledger
-from stamen.client.site_policy import SitePolicy
+from stamen.client.site_policy import SitePolicy, load_policy_file, with_site_policy
 from stamen.common.config import StamenConfig
 from stamen.common.datasets import load_dataset
 from stamen.common.errors import ConfigError, StateError
@@ -177,3 +177,32 @@ def test_the_server_counts_refusals_by_reason(tmp_path: Path) -> None:
     assert value("stamen_sites_refused_total", {"reason": "unknown"}) == 1
     assert value("stamen_sites_refused_total", {"reason": "policy-noise"}) == 0
     assert NODE_ID not in codes
+
+
+def test_a_site_policy_file_is_checked_and_put_into_every_simulated_sites_node_config(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('site-dp = true\nepsilon-budget = 3.0\nsite-delta = 1e-6\nsite-accountant = "prv"\n')
+    keys = load_policy_file(path)
+    seen: list[SitePolicy] = []
+
+    def handler(msg: Message, context: Context) -> Message:
+        seen.append(SitePolicy.of(context.node_config, _cfg()))
+        return msg
+
+    context = Context(1, NODE_ID, {"partition-id": 3}, RecordDict(), {})
+    with_site_policy(keys, Message(RecordDict(), dst_node_id=NODE_ID, message_type=MessageType.TRAIN), context, handler)
+    (policy,) = seen
+    assert (policy.own, policy.dp_required, policy.budget, policy.delta, policy.accountant) == (
+        True,
+        True,
+        3.0,
+        1e-6,
+        "prv",
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"site-dp": True, "epsilon-budget": 1.0, "site-noise": 2.0}))
+    with pytest.raises(ConfigError, match=r"unknown key.*site-noise"):
+        load_policy_file(bad)
+    bad.write_text(json.dumps({"site-dp": True, "epsilon-budget": 1.0, "site-delta": 2.0}))
+    with pytest.raises(ConfigError, match="site-delta must be in"):
+        load_policy_file(bad)
