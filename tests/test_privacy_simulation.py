@@ -52,6 +52,38 @@ def test_sites_refuse_past_their_budget_and_the_run_completes(
 
 
 @pytest.mark.slow
+def test_simulated_sites_keep_their_site_policy_against_a_weaker_run(
+    tmp_path: Path, stamen_simulate: Callable[..., Any]
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("site-dp = true\nepsilon-budget = 8.0\nsite-delta = 1e-5\n")
+    out = tmp_path / "run"
+    stamen_simulate(
+        out,
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--dataset",
+        "digits",
+        "--dp",
+        "--noise-multiplier",
+        "1.0",
+        "--delta",
+        "1e-3",
+        "--site-policy",
+        str(policy),
+        "--set",
+        "min-partition-size=10",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [row["refused"] for row in summary["history"]] == [2, 2], "the run's delta 1e-3 is above the sites' 1e-5"
+    assert summary["privacy"]["refused"] == 4
+    assert not list((out / "sites").glob("*/privacy_ledger*.json")), "nothing was charged"
+
+
+@pytest.mark.slow
 def test_client_level_dp_on_the_server_with_poisson_site_sampling(
     tmp_path: Path, stamen_simulate: Callable[..., Any]
 ) -> None:

@@ -115,6 +115,9 @@ def simulate(
     stop_grace: Annotated[
         float, typer.Option(help="seconds a stopped run gets to finish its round before it is killed")
     ] = 120.0,
+    site_policy: Annotated[
+        Path | None, typer.Option(help="site privacy policy (TOML/JSON of site-* keys) every simulated site keeps")
+    ] = None,
 ) -> None:
     """Run a federation of CLIENTS simulated sites on this machine (Flower + Ray).
 
@@ -129,6 +132,9 @@ def simulate(
         raw["scenario"] = scenario
     if resume is not None:
         show_warnings()
+    from stamen.client.site_policy import load_policy_file
+
+    policy = load_policy_file(site_policy) if site_policy is not None else None
     plan = plan_simulation(raw, clients=clients, out=out, resume=resume)
     if plan.resumed:
         console.print(
@@ -150,7 +156,7 @@ def simulate(
         try:
             result = execute(
                 plan, timeout=timeout, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
-                stop_grace=stop_grace, on_progress=on_progress, notify=_notify,
+                stop_grace=stop_grace, on_progress=on_progress, notify=_notify, site_policy=policy,
             )  # fmt: skip
         except SimulationFailed as exc:
             bar.stop()
