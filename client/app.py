@@ -27,10 +27,11 @@ from flwr.clientapp import ClientApp
 from stamen.client.dp import train_private
 from stamen.client.drift import site_drift
 from stamen.client.ledger import Ledger, PrivacyRefusal
+from stamen.client.noise import attempt_seeds, check_noise_mode
 from stamen.client.pool import TrainingPool
 from stamen.client.privacy import SitePrivacy
 from stamen.client.replay import ReplayBuffer
-from stamen.client.resend import update_digest
+from stamen.client.site_policy import SitePolicy
 from stamen.client.sources import site_view
 from stamen.client.train import pick_device, round_seed, train_local
 from stamen.client.view import SiteView
@@ -78,12 +79,19 @@ class Instruction:
         )
 
     @property
+    def policy(self) -> SitePolicy:
+        """The site's own privacy policy (:mod:`client.site_policy`); the run may only ask for stricter."""
+        return SitePolicy.of(self.node_config, self.cfg)
+
+    @property
     def public_stats(self) -> bool:
-        """Whether raw-record statistics may leave this DP site: the node's own setting wins over the run's."""
-        value = self.node_config.get("dp-public-stats", self.cfg["dp-public-stats"])
-        if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes")
-        return bool(value)
+        """Whether raw-record statistics may leave this DP site: the site's policy decides."""
+        return self.policy.public_stats
+
+    @property
+    def private(self) -> bool:
+        """Whether this site's records are DP-protected: the run asks for DP or the site requires it."""
+        return bool(self.cfg["dp"]) or self.policy.dp_required
 
     def view(self, *, ingest: bool = False) -> SiteView:
         """This site's data in this round (:mod:`client.sources`); ``ingest`` takes in new shards."""
@@ -135,7 +143,7 @@ def query(msg: Message, context: Context) -> Message:
         num_train = ins.view().num_train
         if num_train == 0:
             return make_reply(msg, site_id, Status.NO_DATA, reason="no training data yet")
-        metrics = {"num-examples": num_train} if not ins.cfg["dp"] or ins.public_stats else {}
+        metrics = {"num-examples": num_train} if not ins.private or ins.public_stats else {}
         return make_reply(msg, site_id, Status.OK, metrics=metrics)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
@@ -153,6 +161,7 @@ def train(msg: Message, context: Context, data_transform: DataTransform | None =
     """
     try:
         ins = Instruction(msg, context)
+        check_noise_mode(str(ins.cfg["dp-noise"]), ins.node_config)
         store = ins.store()
         view = ins.view(ingest=True)
         if data_transform is not None:
@@ -164,12 +173,13 @@ def train(msg: Message, context: Context, data_transform: DataTransform | None =
         model = ins.model()
         seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
         device = pick_device(str(ins.cfg["device"]))
-        if ins.cfg["dp"]:
+        if ins.private:
             try:
+                ins.policy.check_dp(ins.cfg)
                 reply = _train_private(msg, ins, view, pool, model, store, seed, device)
             except PrivacyRefusal as exc:
                 log.info("site %s round %d refused (%s): %s", ins.site_id, ins.server_round, exc.code, exc)
-                reply = make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc))
+                reply = make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc), code=exc.code)
         else:
             result = train_local(
                 model, pool.x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device
@@ -240,26 +250,33 @@ def _train_private(
 
     Statistics are released (and charged) before the round is planned, so the plan sees
     everything already spent; the executed steps are charged before the reply is built.
-    A round the budget cannot pay for raises :class:`PrivacyRefusal`.
+    A round the budget cannot pay for raises :class:`PrivacyRefusal`. Every draw here is
+    seeded by :func:`client.noise.attempt_seeds`: secret and fresh per attempt unless the
+    run chose ``dp-noise = seeded`` (then from the public round ``seed``).
     """
     cfg = ins.cfg
-    privacy = SitePrivacy(store, cfg, _budget(ins))
-    drift = privacy.release_statistics(view.shard_names, lambda ledger: _drift(ins, view, store, seed, ledger))
-    plan = privacy.plan(pool, seed)
+    privacy = SitePrivacy(store, cfg, _budget(ins), ins.policy)
+    privacy.admit(len(pool))
+    seeds = attempt_seeds(str(cfg["dp-noise"]), store, seed, ins.server_round)
+    drift = privacy.release_statistics(
+        view.shard_names, lambda ledger: _drift(ins, view, store, seeds.releases, ledger)
+    )
+    plan = privacy.plan(pool, seeds.releases)
     result = train_private(
         model,
         plan.pool.x,
         plan.pool.y,
         cfg,
         server_round=ins.server_round,
-        seed=seed,
+        seed=seeds.sampling,
+        noise_seed=seeds.noise,
         device=device,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=float(cfg["max-grad-norm"]),
         planned_examples=plan.count,
         accountant_name=str(cfg["accountant"]),
     )
-    privacy.charge(plan, result, update_digest(model_to_arrays(model), result.metrics()))
+    privacy.charge(plan, result)
     _record_participation(store, ins, result.num_examples)
     metrics = {**result.metrics(), **drift, **privacy.report(plan, result)}
     if not ins.public_stats:
@@ -268,15 +285,15 @@ def _train_private(
 
 
 def _budget(ins: Instruction) -> float:
-    """The site's epsilon budget: a node's own ``epsilon-budget`` overrides the run's."""
-    return float(ins.node_config.get("epsilon-budget", ins.cfg.epsilon_budget))
+    """The site's epsilon budget: its policy's (a node's own ``epsilon-budget`` overrides the run's)."""
+    return ins.policy.budget
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
         ins = Instruction(msg, context)
-        if ins.cfg["dp"] and not ins.public_stats:
+        if ins.private and not ins.public_stats:
             raise ConfigError(
                 "evaluation statistics of a DP site are not noised: it takes part in federated evaluation "
                 "only with dp-public-stats = true"

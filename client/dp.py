@@ -15,9 +15,10 @@ front door, :class:`client.privacy.SitePrivacy`: it plans the round (released si
 rate), this module trains it, and the front door charges ``DPTrainResult.commit`` to the
 ledger(s) before the reply is built.
 
-Opacus runs with ``secure_mode=False``: the Poisson sampler and the noise come from
-torch generators seeded per round, so a run is reproducible; that PRNG is not
-cryptographically secure (Opacus's ``secure_mode`` is the hardened alternative).
+Opacus runs with ``secure_mode=False`` (it needs ``torchcsprng``, archived and not built
+for this torch): the Poisson sampler and the noise come from torch generators given two
+independent seeds, which :mod:`client.noise` makes secret and fresh per attempt (or, under
+``dp-noise = seeded``, derives from the run seed).
 """
 
 from __future__ import annotations
@@ -93,11 +94,13 @@ def train_private(
     max_grad_norm: float,
     planned_examples: int,
     accountant_name: str = "rdp",
+    noise_seed: int | None = None,
 ) -> DPTrainResult:
     """Run ``local-epochs`` of DP-SGD and load the result into ``model`` (unwrapped keys).
 
     Opacus wraps a fresh copy each round, so hooks are never added twice to the caller's
-    cached model object. ``seed`` drives both the Poisson sampler and the noise. The
+    cached model object. ``seed`` drives the Poisson sampler, ``noise_seed`` (default
+    ``seed + 1``) the noise; both must come from :mod:`client.noise` on a site. The
     sample rate comes from ``planned_examples`` (the released count, see
     :func:`dp_schedule`) and the noisy sum is divided by the expected batch computed from
     it, so no exact record count enters what leaves the site.
@@ -125,7 +128,7 @@ def train_private(
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        noise_generator=torch.Generator(device=device).manual_seed(seed + 1 if noise_seed is None else noise_seed),
         grad_sample_mode=GRAD_SAMPLE_MODE,
         poisson_sampling=False,  # the loader above already samples Poisson at the planned rate
     )

@@ -24,6 +24,9 @@ from stamen.common.state import SiteStore
 
 LEDGER_ENTRY = "privacy_ledger"
 ACCOUNTANTS = ("rdp", "prv")
+#: Version 2 records the delta the spend is reported at and the privacy policy; a version-1
+#: ledger (no delta) is refused, never reinterpreted at another run's delta (:func:`migrate_ledger`).
+LEDGER_SCHEMA = 2
 
 Entry = tuple[float, float, int]
 
@@ -64,6 +67,35 @@ def _parse_entry(raw: Any) -> Entry:
     return sigma, rate, steps
 
 
+def _parse_delta(raw: Any) -> float:
+    delta = float(raw)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta {raw!r} is not in (0, 1)")
+    return delta
+
+
+def ledger_policy(name: str) -> str:
+    """The privacy policy of the ledger stored as ``name``: the site's (``refuse``) or a shard's."""
+    return "refuse" if name == LEDGER_ENTRY else "per-shard"
+
+
+def migrate_ledger(store: SiteStore, name: str, delta: float) -> None:
+    """Rewrite a schema-1 ledger as schema 2, recording the ``delta`` the site accounted at.
+
+    The one way an old ledger is read again: the operator names the delta, stamen never
+    guesses it (a larger one would read the same history as a smaller epsilon).
+    """
+    doc = store.read_json(name)
+    if doc is None or doc.get("ledger-schema", 1) != 1:
+        raise StateError(f"privacy ledger {store.dir / f'{name}.json'} is not a schema-1 ledger")
+    try:
+        doc = {**doc, "ledger-schema": LEDGER_SCHEMA, "delta": _parse_delta(delta), "policy": ledger_policy(name)}
+    except ValueError as exc:
+        raise ConfigError(f"cannot migrate {name}: {exc}") from exc
+    PrivacyLedger.from_doc(store, doc, str(doc.get("accountant")), name, delta)  # validates it all
+    store.write_json(name, doc)
+
+
 def _parse_release(raw: Any) -> float:
     sigma = float(raw)
     if not (math.isfinite(sigma) and sigma > 0):
@@ -73,7 +105,20 @@ def _parse_release(raw: Any) -> float:
 
 #: Why a site refuses: a release of statistics, the DP-SGD round itself, or (``per-shard``) every
 #: shard the site holds would pass the budget.
-RefusalCode = Literal["statistics-release", "training-round", "every-shard-spent"]
+#: The ``policy-*`` codes: the instruction asks for less privacy than the site's policy or its
+#: ledger allows (:mod:`client.site_policy`). Mirrored by :data:`stamen.common.reply.REFUSAL_CODES`.
+RefusalCode = Literal[
+    "statistics-release",
+    "training-round",
+    "every-shard-spent",
+    "policy-dp-off",
+    "policy-delta",
+    "policy-delta-vs-n",
+    "policy-noise",
+    "policy-sample-rate",
+    "policy-accountant",
+    "policy-switch",
+]
 
 
 class PrivacyRefusal(StamenError):
@@ -135,6 +180,7 @@ class PrivacyLedger(Ledger):
         rounds: int,
         releases: tuple[float, ...] = (),
         name: str = LEDGER_ENTRY,
+        delta: float = 1e-5,
     ) -> None:
         self._store = store
         self._accountant = accountant
@@ -142,15 +188,24 @@ class PrivacyLedger(Ledger):
         self._rounds = rounds
         self._releases = releases
         self._name = name
+        self._delta = _parse_delta(delta)
 
     @classmethod
-    def load(cls, store: SiteStore, accountant: str = "rdp", name: str = LEDGER_ENTRY) -> PrivacyLedger:
+    def load(
+        cls, store: SiteStore, accountant: str = "rdp", name: str = LEDGER_ENTRY, delta: float = 1e-5
+    ) -> PrivacyLedger:
         """The site's ledger (or, with ``name``, another one it keeps, e.g. a data shard's); empty
-        only if it never recorded a DP round."""
+        only if it never recorded a DP round. ``delta`` is recorded by a fresh ledger's first write."""
+        return cls.from_doc(store, store.read_json(name), accountant, name, delta)
+
+    @classmethod
+    def from_doc(
+        cls, store: SiteStore, doc: dict[str, Any] | None, accountant: str, name: str, delta: float
+    ) -> PrivacyLedger:
+        """The ledger stored as ``doc`` (None: never written), kept with ``accountant``."""
         check_accountant(accountant)
-        doc = store.read_json(name)
         if doc is None:
-            return cls(store, accountant, (), 0, (), name)
+            return cls(store, accountant, (), 0, (), name, delta)
         where = store.dir / f"{name}.json"
         try:
             stored = str(doc["accountant"])
@@ -159,12 +214,37 @@ class PrivacyLedger(Ledger):
             releases = tuple(_parse_release(r) for r in doc.get("releases", []))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"privacy ledger {where} is malformed: {exc}") from exc
+        schema = doc.get("ledger-schema", 1)
+        if schema != LEDGER_SCHEMA:
+            raise StateError(
+                f"privacy ledger {where} has schema {schema!r}, this stamen keeps schema {LEDGER_SCHEMA}: "
+                "a schema-1 ledger does not record the delta its spend is reported at, so it is not read "
+                "at whatever delta a run asks for; migrate it explicitly, naming the delta the site "
+                "accounted at, with stamen.client.ledger.migrate_ledger"
+            )
+        try:
+            recorded = _parse_delta(doc["delta"])
+            policy = str(doc["policy"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"privacy ledger {where} is malformed: {exc}") from exc
+        if policy != ledger_policy(name):
+            raise StateError(f"privacy ledger {where} records policy {policy!r}, its name says {ledger_policy(name)!r}")
         if stored != accountant:
             raise StateError(
                 f"privacy ledger {where} was kept with the {stored!r} accountant, this run asks for "
                 f"{accountant!r}; the spent budget cannot be carried over, so set accountant={stored!r}"
             )
-        return cls(store, accountant, history, rounds, releases, name)
+        return cls(store, accountant, history, rounds, releases, name, min(recorded, delta))
+
+    @property
+    def delta(self) -> float:
+        """The smallest delta this ledger was ever charged at (its spend is never read at a larger one)."""
+        return self._delta
+
+    @property
+    def policy(self) -> str:
+        """The privacy policy this ledger belongs to: ``refuse`` (the site's) or ``per-shard``."""
+        return ledger_policy(self._name)
 
     @property
     def accountant(self) -> str:
@@ -239,7 +319,10 @@ class PrivacyLedger(Ledger):
         self._store.write_json(
             self._name,
             {
+                "ledger-schema": LEDGER_SCHEMA,
                 "accountant": self._accountant,
+                "delta": self._delta,
+                "policy": self.policy,
                 "history": [list(e) for e in history],
                 "rounds": rounds,
                 "releases": list(releases),

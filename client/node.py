@@ -180,6 +180,31 @@ def check(settings: NodeSettings) -> NodeSettings:
         raise ConfigError(f"--torch-threads must be >= 0, got {settings.torch_threads}")
     if settings.epsilon_budget is not None and not settings.epsilon_budget > 0:
         raise ConfigError(f"--epsilon-budget must be > 0, got {settings.epsilon_budget}")
+    _check_site_policy(settings)
+    return settings
+
+
+def _check_site_policy(settings: NodeSettings) -> None:
+    """A site privacy policy (``site-*`` keys, :mod:`client.site_policy`) is checked before the node starts."""
+    from stamen.client.site_policy import POLICY_KEYS, SitePolicy
+    from stamen.common.config import StamenConfig
+
+    config = node_config(settings)
+    if any(k in config for k in POLICY_KEYS):
+        SitePolicy.of(config, StamenConfig.from_mapping({}))
+
+
+def with_policy_file(settings: NodeSettings, path: Path) -> NodeSettings:
+    """``settings`` with the keys of site policy file ``path`` (``stamen node --site-policy``)."""
+    from stamen.client.site_policy import load_policy_file
+
+    keys = load_policy_file(path)
+    clash = sorted(k for k in keys if k in settings.extra or (k == "epsilon-budget" and settings.epsilon_budget))
+    if clash:
+        raise ConfigError(f"--site-policy {path} and --set/--epsilon-budget both set {', '.join(clash)}")
+    budget = keys.pop("epsilon-budget", settings.epsilon_budget)
+    settings.epsilon_budget = None if budget is None else float(budget)
+    settings.extra = {**settings.extra, **keys}
     return settings
 
 

@@ -10,11 +10,12 @@ caller builds its reply, so a crash can only over-count. Anything refused raises
 
 A round on a site::
 
-    privacy = SitePrivacy(store, cfg, budget)
+    privacy = SitePrivacy(store, cfg, budget, policy)
+    privacy.admit(len(pool))                   # PrivacyRefusal if the run asks for less than the site's policy
     drift = privacy.release_statistics(view.shard_names, lambda ledger: site_drift(..., ledger=ledger))
     plan = privacy.plan(pool, seed)            # PrivacyRefusal if the round would overspend
     result = train_private(model, plan.pool.x, plan.pool.y, ..., noise_multiplier=plan.noise_multiplier)
-    privacy.charge(plan, result, update_digest(arrays, result.metrics()))
+    privacy.charge(plan, result)
     reply arrays with {**result.metrics(), **drift, **privacy.report(plan, result)}
 """
 
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from stamen.client.dp import DPTrainResult
 from stamen.client.ledger import LEDGER_ENTRY, Ledger, PrivacyLedger, PrivacyRefusal
 from stamen.client.pool import TrainingPool
-from stamen.client.resend import SentUpdates
-from stamen.client.shard_privacy import PrivatePlan, ShardLedgers, plan_private_round, spent
+from stamen.client.shard_privacy import PrivatePlan, ShardLedgers, plan_private_round, shard_ledger_names, spent
+from stamen.client.site_policy import SitePolicy, check_ledgers
 from stamen.common.config import StamenConfig
 from stamen.common.state import SiteStore
 
@@ -39,15 +41,36 @@ __all__ = ["Ledger", "PrivacyRefusal", "SitePrivacy"]
 class SitePrivacy:
     """One DP round's privacy on one site, under the run's ``privacy-policy`` and the site's ``budget``.
 
-    Build a new one every round: it caches the ledgers it reads, and a ledger changed by
-    another process between rounds must be read again.
+    ``policy`` is the site's own (:class:`client.site_policy.SitePolicy`; default: the run's
+    values); :meth:`admit` checks the run against it and the stored ledgers. Build a new one
+    every round: it caches the ledgers it reads, and a ledger changed by another process
+    between rounds must be read again.
     """
 
-    def __init__(self, store: SiteStore, cfg: StamenConfig, budget: float) -> None:
+    def __init__(self, store: SiteStore, cfg: StamenConfig, budget: float, policy: SitePolicy | None = None) -> None:
         self._store = store
         self._cfg = cfg
         self.budget = budget
+        self.policy = policy or SitePolicy.of({}, cfg)
         self._ledgers: dict[str, PrivacyLedger] = {}
+        self._docs: dict[str, dict[str, Any] | None] = {}
+
+    def _doc(self, name: str) -> dict[str, Any] | None:
+        """The stored document of ledger ``name``, read once per round."""
+        if name not in self._docs:
+            self._docs[name] = self._store.read_json(name)
+        return self._docs[name]
+
+    def admit(self, num_records: int) -> None:
+        """PrivacyRefusal (a ``policy-*`` code) if the run asks for less privacy than the site's policy
+        or its ledgers allow; reads nothing but the ledgers and writes nothing."""
+        self.policy.check_run(self._cfg, num_records)
+        shards = shard_ledger_names(self._store)
+        if self.per_shard:
+            spent_otherwise = (self._store.dir / f"{LEDGER_ENTRY}.json").exists()
+            check_ledgers(self._cfg, [self._doc(s) for s in shards], spent_otherwise)
+        else:
+            check_ledgers(self._cfg, [self._doc(LEDGER_ENTRY)], bool(shards))
 
     @property
     def per_shard(self) -> bool:
@@ -56,7 +79,8 @@ class SitePrivacy:
     def ledger(self, name: str = LEDGER_ENTRY) -> PrivacyLedger:
         """The ledger stored as ``name``, read from the store the first time this round asks for it."""
         if name not in self._ledgers:
-            self._ledgers[name] = PrivacyLedger.load(self._store, str(self._cfg["accountant"]), name)
+            accountant, delta = str(self._cfg["accountant"]), float(self._cfg["delta"])
+            self._ledgers[name] = PrivacyLedger.from_doc(self._store, self._doc(name), accountant, name, delta)
         return self._ledgers[name]
 
     def statistics_ledger(self, shards: Iterable[str]) -> Ledger:
@@ -83,25 +107,21 @@ class SitePrivacy:
     def plan(self, pool: TrainingPool, seed: int) -> PrivatePlan:
         """The round to run (:func:`client.shard_privacy.plan_private_round`); PrivacyRefusal if none fits."""
         plan = plan_private_round(pool, self._store, self._cfg, self.budget, seed, self.ledger)
+        self.policy.check_plan(plan.noise_multiplier, plan.sample_rate)
         if plan.excluded:
             left_out = ", ".join(sorted(plan.excluded))
             log.info("site %s: shards out of budget left out: %s", self._store.site_id, left_out)
         return plan
 
-    def charge(self, plan: PrivatePlan, result: DPTrainResult, digest: str) -> bool:
-        """Charge the executed round to the plan's ledgers, then remember the update's ``digest``.
+    def charge(self, plan: PrivatePlan, result: DPTrainResult) -> None:
+        """Charge the executed round to the plan's ledgers.
 
-        A redone round (the server resumed from an older checkpoint) re-sends the identical
-        update: already charged, so not charged again (:mod:`client.resend`). Returns
-        whether this call charged.
+        Every attempt is charged, a redone round too (the server resumed from an older
+        checkpoint): its noise is fresh (:mod:`client.noise`), so it is a new release.
+        Under ``dp-noise = seeded`` a redo may repeat an update; it is charged anyway, as
+        privacy spent is never under-counted.
         """
-        sent = SentUpdates(self._store)
-        if digest in sent:
-            log.info("site %s: identical update already sent and charged", self._store.site_id)
-            return False
         plan.commit(result)
-        sent.add(digest)
-        return True
 
     def report(self, plan: PrivatePlan, result: DPTrainResult) -> dict[str, float]:
         """The reply's privacy metrics: the round's released size, noise and rate, and the worst-off ledger."""

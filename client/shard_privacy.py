@@ -43,8 +43,12 @@ def shard_ledger_name(shard: str) -> str:
 
 
 def store_loader(store: SiteStore, cfg: StamenConfig) -> LedgerLoader:
-    """A loader that reads ``store`` on every call, with the run's accountant."""
-    return partial(PrivacyLedger.load, store, str(cfg["accountant"]))
+    """A loader that reads ``store`` on every call, with the run's accountant and delta."""
+    return partial(_load, store, str(cfg["accountant"]), delta=float(cfg["delta"]))
+
+
+def _load(store: SiteStore, accountant: str, name: str, *, delta: float) -> PrivacyLedger:
+    return PrivacyLedger.load(store, accountant, name, delta)
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,10 @@ def spent(store: SiteStore, cfg: StamenConfig, load: LedgerLoader | None = None)
     if cfg["privacy-policy"] == "refuse":
         ledger = load(LEDGER_ENTRY)
         return ledger.epsilon(delta), ledger
-    names = sorted(p.name.removesuffix(".json") for p in store.dir.glob(f"{LEDGER_ENTRY}.*.json"))
-    ledgers = [load(n) for n in names] or [load(LEDGER_ENTRY)]
+    ledgers = [load(n) for n in shard_ledger_names(store)] or [load(LEDGER_ENTRY)]
     return max(((ledger.epsilon(delta), ledger) for ledger in ledgers), key=lambda pair: pair[0])
+
+
+def shard_ledger_names(store: SiteStore) -> list[str]:
+    """The store entries of every shard ledger the site keeps."""
+    return sorted(p.name.removesuffix(".json") for p in store.dir.glob(f"{LEDGER_ENTRY}.*.json"))

@@ -53,7 +53,8 @@ def released(
     (a histogram of one value per record: 1). A new release that would take the ledger
     past ``budget`` (at ``delta``) raises :class:`~stamen.client.ledger.PrivacyRefusal` and spends
     nothing. The ledger is charged and persisted before the noisy values are stored or
-    returned, so a crash can only over-count.
+    returned, so a crash can only over-count. ``seed`` must be the site's secret release
+    seed (:mod:`client.noise`) unless the run chose ``dp-noise = seeded``.
     """
     exact = np.asarray(exact, dtype=np.float64)
     if ledger is None:
@@ -71,9 +72,9 @@ def released(
     reason = ledger.release_refusal(noise_multiplier, delta, budget)
     if reason:
         raise PrivacyRefusal("statistics-release", reason)
-    noise = np.random.default_rng([seed, int(fingerprint[:8], 16)]).normal(
-        0.0, noise_multiplier * l2_sensitivity, size=exact.shape
-    )
+    # one stream per (seed, statistic, data version): releases of different statistics are independent
+    stream = [seed, int(fingerprint[:8], 16), int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)]
+    noise = np.random.default_rng(stream).normal(0.0, noise_multiplier * l2_sensitivity, size=exact.shape)
     values = exact + noise
     ledger.record_release(noise_multiplier)
     cache[key] = {"fingerprint": fingerprint, "scale": noise_multiplier * l2_sensitivity, "values": values.tolist()}

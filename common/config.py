@@ -254,6 +254,13 @@ KEYS: tuple[Key, ...] = (
         False,
         "declare a DP site's raw-record statistics public: send train loss and take part in federated evaluation",
     ),
+    Key(
+        "dp-noise",
+        str,
+        "secret",
+        "secret = DP noise from randomness only its holder has; seeded = from the run seed (research only)",
+        *_choice("secret", "seeded"),
+    ),
     # --- client-level DP on the server (DP-FedAvg) ---------------------------------------
     Key(
         "server-dp-clip",

@@ -54,6 +54,22 @@ EVAL_METRICS = metric_keys("evaluate", required=True)
 QUERY_METRICS = metric_keys("query", required=True)
 METRICS_BY_KIND = {"train": TRAIN_METRICS, "evaluate": EVAL_METRICS, "query": QUERY_METRICS}
 
+#: Why a site refused (``meta`` ``code`` of a ``refused_budget`` reply; a bounded set, so it can
+#: label a metric): mirrors ``stamen.client.ledger.RefusalCode``; ``unknown`` is any other value.
+REFUSAL_CODES = (
+    "statistics-release",
+    "training-round",
+    "every-shard-spent",
+    "policy-dp-off",
+    "policy-delta",
+    "policy-delta-vs-n",
+    "policy-noise",
+    "policy-sample-rate",
+    "policy-accountant",
+    "policy-switch",
+    "unknown",
+)
+
 REJECT_REASONS = (
     "message_error",  # Flower delivered an error instead of content (crash, timeout)
     "schema",  # missing meta, or another reply-schema version
@@ -77,6 +93,7 @@ class SiteReply:
     metrics: dict[str, float] = field(default_factory=dict)
     content: RecordDict | None = None
     reason: str = ""
+    code: str = ""  # a refusal's code (one of REFUSAL_CODES)
 
 
 class RejectedReply(Exception):
@@ -99,15 +116,13 @@ def make_reply(
     arrays: ArrayRecord | None = None,
     metrics: Mapping[str, float] | None = None,
     reason: str = "",
+    code: str = "",
 ) -> Message:
-    """Build a schema-conforming reply to ``instruction``."""
-    content = RecordDict(
-        {
-            "meta": ConfigRecord(
-                {"schema": REPLY_SCHEMA_VERSION, "status": status.value, "site-id": site_id, "reason": reason}
-            )
-        }
-    )
+    """Build a schema-conforming reply to ``instruction`` (``code``: a refusal's, from :data:`REFUSAL_CODES`)."""
+    meta = {"schema": REPLY_SCHEMA_VERSION, "status": status.value, "site-id": site_id, "reason": reason}
+    if code:
+        meta["code"] = code
+    content = RecordDict({"meta": ConfigRecord(meta)})
     if arrays is not None:
         content["arrays"] = arrays
     content["metrics"] = MetricRecord({k: float(v) for k, v in (metrics or {}).items()})
@@ -200,7 +215,8 @@ def screen_reply(
     if status is Status.ERROR:
         raise RejectedReply("client_error", reason or "site reported an error", site_id)
     if status in (Status.REFUSED_BUDGET, Status.NO_DATA):
-        return SiteReply(site_id, status, reason=reason)
+        code = str(msg.content.config_records["meta"].get("code", "unknown"))
+        return SiteReply(site_id, status, reason=reason, code=code if code in REFUSAL_CODES else "unknown")
     metrics = _metrics(msg, kind, site_id)
     if kind == "train":
         if reference is None:

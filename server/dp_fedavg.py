@@ -17,11 +17,15 @@ Accounting, by how sites were sampled:
   kind of sampling needs another analysis, so stamen claims none: epsilon is computed
   at sample rate 1, a valid upper bound.
 
-The noise comes from a generator seeded per round, so a run (and a resumed run) is
-reproducible; it is not a cryptographically secure source.
+The noise is the server's own secret: fresh ``os.urandom`` entropy every round (nothing
+to keep for a resume), never the run seed, which the sites know too. Only under
+``dp-noise = seeded`` (research simulations) is it seeded per round from the run seed, so a
+run and a resumed run are reproducible.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from opacus.accountants import create_accountant
@@ -43,14 +47,14 @@ class DPFedAvg:
         Noise std as a multiple of ``clip``.
     sample_rate : float
         Probability a site is in a round (1.0 for fixed-size sampling: no amplification).
-    seed : int
-        Seeds the noise of every round.
+    seed : int or None
+        Seeds the noise of every round (``dp-noise = seeded``); None: fresh OS entropy each round.
     accountant : str (default: "rdp")
         Opacus accountant that turns the history into epsilon.
     """
 
     def __init__(
-        self, clip: float, noise_multiplier: float, sample_rate: float, seed: int, accountant: str = "rdp"
+        self, clip: float, noise_multiplier: float, sample_rate: float, seed: int | None, accountant: str = "rdp"
     ) -> None:
         if not (clip > 0 and noise_multiplier > 0 and 0 < sample_rate <= 1):
             raise ConfigError(
@@ -66,7 +70,8 @@ class DPFedAvg:
 
     def noise(self, reference: Arrays, server_round: int) -> Arrays:
         """This round's Gaussian noise on the sum, one array per floating-point parameter."""
-        rng = np.random.default_rng([self.seed, server_round])
+        entropy = [self.seed, server_round] if self.seed is not None else int.from_bytes(os.urandom(32), "little")
+        rng = np.random.default_rng(entropy)
         std = self.noise_multiplier * self.clip
         return {
             k: rng.normal(0.0, std, size=v.shape).astype(v.dtype)

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 
 from stamen.common.config import StamenConfig
 from stamen.common.errors import ConfigError, StateError
-from stamen.common.reply import REJECT_REASONS
+from stamen.common.reply import REFUSAL_CODES, REJECT_REASONS
 
 log = logging.getLogger("stamen.server")
 
@@ -129,6 +129,9 @@ class Exporter:
         self.rejected = Counter("stamen_sites_rejected", "replies rejected by screening", ["reason"], registry=reg)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        self.refused = Counter("stamen_sites_refused", "site refusals by reason code", ["reason"], registry=reg)
+        for code in REFUSAL_CODES:
+            self.refused.labels(code)
         self.sent = Counter("stamen_sent_bytes", "model bytes sent to sites", registry=reg)
         self.received = Counter("stamen_received_bytes", "model bytes received from sites", registry=reg)
         self.update_norm = Summary("stamen_site_update_l2_norm", "L2 norm of each site's update", registry=reg)
@@ -158,7 +161,7 @@ class Exporter:
 
     def _counters(self) -> dict[str, Counter]:
         """Every counter of the run, by metric name."""
-        found = [self.rounds_completed, self.rollbacks, *self.counters.values(), self.rejected, self.sent]
+        found = [self.rounds_completed, self.rollbacks, *self.counters.values(), self.rejected, self.refused, self.sent]
         found += [self.received, self.concept_detections, *([self.site_detections] if self.per_site else [])]
         return {c.collect()[0].name: c for c in found}
 

@@ -69,6 +69,7 @@ class Screened:
 
     good: list[SiteReply] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    refusals: Counter[str] = field(default_factory=Counter)  # refused sites by reason code
     idle: list[str] = field(default_factory=list)  # sites with no data for this message
     rejected: Counter[str] = field(default_factory=Counter)
     missing: int = 0
@@ -102,6 +103,7 @@ def screen_round(
             continue
         if reply.status is Status.REFUSED_BUDGET:
             out.refused.append(reply.site_id)
+            out.refusals[reply.code] += 1
         elif reply.status is Status.NO_DATA:
             out.idle.append(reply.site_id)
         else:
@@ -214,7 +216,7 @@ class Federation(ContinualRun):
                 float(cfg["server-dp-clip"]),
                 float(cfg["server-dp-noise"]),
                 float(cfg["fraction-train"]) if self.poisson else 1.0,
-                self.seeds["server_noise"],
+                self.seeds["server_noise"] if cfg["dp-noise"] == "seeded" else None,
                 str(cfg["accountant"]),
             )
             if float(cfg["server-dp-clip"]) > 0
@@ -312,6 +314,7 @@ class Federation(ContinualRun):
         for reason in REJECT_REASONS:
             self.totals[f"rejected_{reason}"] += screened.rejected[reason]
         self.totals.update({k: row[k] for k in ("sampled", "replied", "refused", "idle", "failed")})
+        self.observer.count_refusals(screened.refusals)
         row.update(self.observer.replies(server_round, screened.good, screened.rejected))
         for reply in screened.good:
             if "epsilon" in reply.metrics:
@@ -478,6 +481,7 @@ class Federation(ContinualRun):
                 "budget": self.cfg.epsilon_budget,
                 "refused": self.totals["refused"],
                 "per_client": dict(sorted(self.privacy.items())),
+                "noise": str(self.cfg["dp-noise"]),
             }
         if self.server_dp is not None:
             summary["server_privacy"] = {
@@ -490,6 +494,7 @@ class Federation(ContinualRun):
                 "site_sampling": str(self.cfg["site-sampling"]),
                 "sample_rate": self.server_dp.sample_rate,
                 "rounds": self.server_dp.rounds,
+                "noise": str(self.cfg["dp-noise"]),
             }
         self.outputs.write_summary(summary)
         return summary

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import Message
@@ -116,6 +116,11 @@ class RoundObserver:
         ex.set_gauge("stamen_client_drift_cosine_mean", stats.get("cosine_mean"))
         ex.set_gauge("stamen_model_change_l2_norm", stats["model_change_norm"])
         return stats
+
+    def count_refusals(self, refusals: Mapping[str, int]) -> None:
+        """Count the round's refusals by reason code (``stamen_sites_refused_total{reason}``)."""
+        for code, count in refusals.items():
+            self.exporter.refused.labels(code).inc(count)
 
     def end_round(self, row: dict[str, Any]) -> None:
         """Complete the round's row (bytes, global detector) and publish it."""

@@ -84,7 +84,7 @@ class StamenStrategy(FedAvg):
                 float(cfg["server-dp-clip"]),
                 float(cfg["server-dp-noise"]),
                 1.0,  # Flower's FedAvg samples a fixed number of nodes: no amplification claimed
-                derive_seeds(int(cfg["seed"]))["server_noise"],
+                derive_seeds(int(cfg["seed"]))["server_noise"] if cfg["dp-noise"] == "seeded" else None,
                 str(cfg["accountant"]),
             )
             if float(cfg["server-dp-clip"]) > 0

@@ -63,7 +63,7 @@ def main(overrides_path: str) -> int:
     install_stop_handlers()
     run_simulation(
         server_app=server_app(spec["run_config"]),
-        client_app=client_app(),
+        client_app=client_app(spec.get("site_policy")),
         num_supernodes=spec["clients"],
         backend_config=backend,
     )

@@ -339,8 +339,12 @@ def execute(
     stop_grace: float = 120.0,
     on_progress: ProgressFn | None = None,
     notify: Callable[[str], None] = log.warning,
+    site_policy: Mapping[str, Any] | None = None,
 ) -> SimulationResult:
     """Run a planned simulation to its end; write its plots; return its result.
+
+    ``site_policy`` (node-config keys of :mod:`stamen.client.site_policy`) is every simulated
+    site's own privacy policy; without it a site's policy is the run config's.
 
     Raises :class:`SimulationFailed` when the engine ends without a summary.
     """
@@ -351,6 +355,7 @@ def execute(
         "cpus_per_client": cpus_per_client,
         "gpus_per_client": gpus_per_client,
         "num_cpus": os.cpu_count() or 1,
+        "site_policy": dict(site_policy or {}),
     }
     started = time.monotonic()
     rc = run_engine(
@@ -380,6 +385,7 @@ def simulate(
     gpus_per_client: float = 0.0,
     stop_grace: float = 120.0,
     on_progress: ProgressFn | None = None,
+    site_policy: Path | str | None = None,
     **keys: Any,
 ) -> SimulationResult:
     """Run a federation of ``clients`` simulated sites on Flower's simulation engine.
@@ -387,15 +393,20 @@ def simulate(
     Run-config keys come as a mapping (``{"num-server-rounds": 5}``) and/or as keyword
     arguments with underscores (``num_server_rounds=5``); the table is
     :data:`stamen.common.config.KEYS`. ``clients`` defaults to 10 (a resumed run keeps its
-    own). Bad input raises :class:`~stamen.common.errors.ConfigError` before anything is
-    written; a run that fails raises :class:`SimulationFailed`.
+    own). ``site_policy`` is a site policy file every simulated site keeps
+    (:func:`stamen.client.site_policy.load_policy_file`). Bad input raises
+    :class:`~stamen.common.errors.ConfigError` before anything is written; a run that fails
+    raises :class:`SimulationFailed`.
     """
+    from stamen.client.site_policy import load_policy_file
+
+    policy = load_policy_file(Path(site_policy)) if site_policy is not None else None
     raw = dict(config or {})
     raw.update({name.replace("_", "-"): value for name, value in keys.items()})
     plan = plan_simulation(raw, clients=clients, out=out, resume=resume)
     return execute(
         plan, timeout=timeout, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
-        stop_grace=stop_grace, on_progress=on_progress,
+        stop_grace=stop_grace, on_progress=on_progress, site_policy=policy,
     )  # fmt: skip
 
 

@@ -57,7 +57,7 @@ class OneSite:
         screened = screen_reply(reply, "train", expected_site=site_id, reference=self.arrays)
         if screened.content is not None:
             self.arrays = record_to_arrays(screened.content["arrays"])
-        return {"status": screened.status.value, "reason": screened.reason, **screened.metrics}
+        return {"status": screened.status.value, "reason": screened.reason, "code": screened.code, **screened.metrics}
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The global model's accuracy on (x, y)."""

@@ -27,6 +27,20 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def fixed_entropy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a site's secret noise repeatable in this process: its OS entropy comes from a seeded PRNG.
+
+    For tests whose assertions are about budgets and plans at particular noise draws, not
+    about the noise's secrecy (tests/test_secret_noise.py tests that, without this fixture).
+    tests/test_shard_privacy.py's budget arithmetic needs a released size on the right side
+    of a batch-count boundary, as it needed the run seed's draws before noise was secret.
+    """
+    import random
+
+    monkeypatch.setattr("stamen.client.noise.os.urandom", random.Random(2).randbytes)
+
+
+@pytest.fixture
 def instruction(serverapp_identity: None) -> Callable[..., Message]:
     """Build the instruction a ServerApp sends to ``node_id``.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stamen.client.node import NodeSettings, check, node_assignment, supernode_command
+from stamen.client.node import NodeSettings, check, node_assignment, supernode_command, with_policy_file
 from stamen.common.errors import ConfigError
 from stamen.server.superlink import SuperLinkSettings, superlink_command
 
@@ -146,3 +146,20 @@ def test_stamen_node_cli_reports_a_bad_state_dir_in_one_line(site: NodeSettings)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "state directory" in res.stderr and "chmod o-rwx" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_site_policy_file_goes_into_the_node_config_and_a_bad_policy_stops_the_node(
+    site: NodeSettings, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("site-dp = true\nepsilon-budget = 2.5\nsite-delta = 1e-7\n")
+    cmd = supernode_command(check(with_policy_file(site, policy)), site.state_dir / ".secret")
+    config = cmd[cmd.index("--node-config") + 1]
+    assert "site-dp=true" in config and "site-delta=1e-07" in config and "epsilon-budget=2.5" in config
+    site.extra = {"site-dp": "true"}
+    site.epsilon_budget = None
+    with pytest.raises(ConfigError, match="site-dp = true needs epsilon-budget"):
+        check(site)
+    site.extra = {"site-delta": "1e-6"}
+    with pytest.raises(ConfigError, match="but not site-dp"):
+        check(site)

@@ -52,6 +52,38 @@ def test_sites_refuse_past_their_budget_and_the_run_completes(
 
 
 @pytest.mark.slow
+def test_simulated_sites_keep_their_site_policy_against_a_weaker_run(
+    tmp_path: Path, stamen_simulate: Callable[..., Any]
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("site-dp = true\nepsilon-budget = 8.0\nsite-delta = 1e-5\n")
+    out = tmp_path / "run"
+    stamen_simulate(
+        out,
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--dataset",
+        "digits",
+        "--dp",
+        "--noise-multiplier",
+        "1.0",
+        "--delta",
+        "1e-3",
+        "--site-policy",
+        str(policy),
+        "--set",
+        "min-partition-size=10",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [row["refused"] for row in summary["history"]] == [2, 2], "the run's delta 1e-3 is above the sites' 1e-5"
+    assert summary["privacy"]["refused"] == 4
+    assert not list((out / "sites").glob("*/privacy_ledger*.json")), "nothing was charged"
+
+
+@pytest.mark.slow
 def test_client_level_dp_on_the_server_with_poisson_site_sampling(
     tmp_path: Path, stamen_simulate: Callable[..., Any]
 ) -> None:
@@ -84,3 +116,43 @@ def test_client_level_dp_on_the_server_with_poisson_site_sampling(
     history = summary["history"]
     assert [row["server_epsilon"] for row in history] == sorted(row["server_epsilon"] for row in history)
     assert all(row["updated"] for row in history), "every round releases a noisy model, however many sites replied"
+
+
+def _final_model(out: Path) -> dict[str, Any]:
+    from safetensors.numpy import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_dp_noise_is_secret_unless_seeded_and_non_dp_runs_stay_reproducible(
+    tmp_path: Path, stamen_simulate: Callable[..., Any]
+) -> None:
+    """Same seed, data and settings: secret DP noise gives two different models; seeded and non-DP runs repeat."""
+    import numpy as np
+
+    base = ("--clients", "2", "--rounds", "1", "--dataset", "digits", "--set", "min-partition-size=10")
+    dp = (*base, "--dp", "--noise-multiplier", "1.0")
+    runs = {
+        "secret-1": dp,
+        "secret-2": dp,
+        "seeded-1": (*dp, "--set", "dp-noise=seeded"),
+        "seeded-2": (*dp, "--set", "dp-noise=seeded"),
+        "plain-1": base,
+        "plain-2": base,
+    }
+    models, summaries, said = {}, {}, {}
+    for name, args in runs.items():
+        said[name] = stamen_simulate(tmp_path / name, *args).stdout
+        models[name] = _final_model(tmp_path / name)
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+
+    def same(a: str, b: str) -> bool:
+        return all(np.array_equal(models[a][k], models[b][k]) for k in models[a])
+
+    assert not same("secret-1", "secret-2"), "secret noise: the seed does not fix the DP noise"
+    assert same("seeded-1", "seeded-2") and same("plain-1", "plain-2")
+    assert summaries["secret-1"]["privacy"]["noise"] == "secret"
+    assert summaries["seeded-1"]["privacy"]["noise"] == "seeded"
+    assert "DP noise SEEDED" in said["seeded-1"] and "SEEDED" not in said["secret-1"]
+    assert json.loads((tmp_path / "seeded-1" / "config.json").read_text())["config"]["dp-noise"] == "seeded"

@@ -27,7 +27,7 @@ from stamen.common.config import StamenConfig
 from stamen.common.datasets import load_dataset
 from stamen.common.state import SiteStore
 
-pytestmark = pytest.mark.usefixtures("serverapp_identity")
+pytestmark = pytest.mark.usefixtures("serverapp_identity", "fixed_entropy")  # budgets at fixed noise draws
 BUDGET = 4.0
 DELTA = 1e-5
 

@@ -14,6 +14,7 @@ faults and refuse a run that sets one. The simulation engine builds its apps her
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from flwr.app import Context, Message, MessageType
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from stamen.client.app import Instruction, make_client_app
+from stamen.client.site_policy import with_site_policy
 from stamen.client.view import SiteView
 from stamen.common.convert import arrays_to_record, record_to_arrays
 from stamen.common.errors import StamenError
@@ -56,9 +58,12 @@ def poison_updates(msg: Message, context: Context, call_next: Callable[[Message,
     return reply
 
 
-def client_app() -> ClientApp:
-    """The simulation's ClientApp: stamen's, with the faults the run config asks for."""
-    return make_client_app(data_transform=faulty_data, mods=[poison_updates])
+def client_app(site_policy: Mapping[str, Any] | None = None) -> ClientApp:
+    """The simulation's ClientApp: stamen's, with the faults the run config asks for, and
+    ``site_policy`` (node-config keys, :func:`stamen.client.site_policy.load_policy_file`)
+    in every site's node config."""
+    mods = [poison_updates, *([partial(with_site_policy, dict(site_policy))] if site_policy else [])]
+    return make_client_app(data_transform=faulty_data, mods=mods)
 
 
 def server_app(run_config: Mapping[str, Any]) -> ServerApp:

@@ -14,7 +14,15 @@ from typing import Annotated
 
 import typer
 
-from stamen.client.node import EXECUTORS, NodeSettings, check, node_assignment, run_node, supernode_command
+from stamen.client.node import (
+    EXECUTORS,
+    NodeSettings,
+    check,
+    node_assignment,
+    run_node,
+    supernode_command,
+    with_policy_file,
+)
 from stamen.server.superlink import SuperLinkSettings, superlink_command
 
 
@@ -42,29 +50,31 @@ def node(
         float, _opt("seconds to keep retrying while the SuperLink refuses this node", "CONNECT_TIMEOUT")
     ] = 120.0,
     torch_threads: Annotated[int, _opt("torch threads of the warm executor (0 = torch default)", "TORCH_THREADS")] = 0,
+    site_policy: Annotated[
+        Path | None, _opt("this site's privacy policy, a TOML/JSON file of site-* keys", "SITE_POLICY")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="check the configuration, print the SuperNode command, exit")] = False,
 ) -> None:
     """Check this site's configuration, then run the real Flower SuperNode for it."""
     extra = dict(node_assignment(a) for a in set_ or [])
-    settings = check(
-        NodeSettings(
-            site_id=site_id,
-            superlink=superlink,
-            state_dir=state_dir,
-            data=data,
-            data_dir=data_dir,
-            root_certificates=root_certificates,
-            auth_key=auth_key,
-            insecure=insecure,
-            epsilon_budget=epsilon_budget,
-            extra=extra,
-            runtime_port=runtime_port,
-            executor=executor,
-            poll=poll,
-            connect_timeout=connect_timeout,
-            torch_threads=torch_threads,
-        )
+    settings = NodeSettings(
+        site_id=site_id,
+        superlink=superlink,
+        state_dir=state_dir,
+        data=data,
+        data_dir=data_dir,
+        root_certificates=root_certificates,
+        auth_key=auth_key,
+        insecure=insecure,
+        epsilon_budget=epsilon_budget,
+        extra=extra,
+        runtime_port=runtime_port,
+        executor=executor,
+        poll=poll,
+        connect_timeout=connect_timeout,
+        torch_threads=torch_threads,
     )
+    settings = check(with_policy_file(settings, site_policy) if site_policy is not None else settings)
     if insecure:
         typer.secho("WARNING: --insecure: no TLS and no node authentication (development only)", err=True, fg="red")
     if dry_run:

@@ -115,6 +115,9 @@ def simulate(
     stop_grace: Annotated[
         float, typer.Option(help="seconds a stopped run gets to finish its round before it is killed")
     ] = 120.0,
+    site_policy: Annotated[
+        Path | None, typer.Option(help="site privacy policy (TOML/JSON of site-* keys) every simulated site keeps")
+    ] = None,
 ) -> None:
     """Run a federation of CLIENTS simulated sites on this machine (Flower + Ray).
 
@@ -129,6 +132,9 @@ def simulate(
         raw["scenario"] = scenario
     if resume is not None:
         show_warnings()
+    from stamen.client.site_policy import load_policy_file
+
+    policy = load_policy_file(site_policy) if site_policy is not None else None
     plan = plan_simulation(raw, clients=clients, out=out, resume=resume)
     if plan.resumed:
         console.print(
@@ -150,7 +156,7 @@ def simulate(
         try:
             result = execute(
                 plan, timeout=timeout, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
-                stop_grace=stop_grace, on_progress=on_progress, notify=_notify,
+                stop_grace=stop_grace, on_progress=on_progress, notify=_notify, site_policy=policy,
             )  # fmt: skip
         except SimulationFailed as exc:
             bar.stop()
@@ -163,6 +169,8 @@ def simulate(
     summary = result.summary
     privacy = summary.get("privacy")
     spent = f", epsilon max {privacy['epsilon_max']:.2f} (delta {privacy['delta']:g})" if privacy else ""
+    if (privacy or summary.get("server_privacy")) and plan.cfg["dp-noise"] == "seeded":
+        spent += ", DP noise SEEDED from the run seed (research only: not private against the server)"
     if summary.get("tasks"):
         spent += f", mean forgetting {summary['tasks']['forgetting_mean']:.3f}"
     final = summary["final"]
