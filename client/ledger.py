@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from opacus.accountants import create_accountant
 
 from stamen.common.errors import ConfigError, StamenError, StateError
+from stamen.common.reply import RefusalCode
 from stamen.common.state import SiteStore
 
 LEDGER_ENTRY = "privacy_ledger"
@@ -101,24 +102,6 @@ def _parse_release(raw: Any) -> float:
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"release noise multiplier {raw!r} is not > 0")
     return sigma
-
-
-#: Why a site refuses: a release of statistics, the DP-SGD round itself, or (``per-shard``) every
-#: shard the site holds would pass the budget.
-#: The ``policy-*`` codes: the instruction asks for less privacy than the site's policy or its
-#: ledger allows (:mod:`client.site_policy`). Mirrored by :data:`stamen.common.reply.REFUSAL_CODES`.
-RefusalCode = Literal[
-    "statistics-release",
-    "training-round",
-    "every-shard-spent",
-    "policy-dp-off",
-    "policy-delta",
-    "policy-delta-vs-n",
-    "policy-noise",
-    "policy-sample-rate",
-    "policy-accountant",
-    "policy-switch",
-]
 
 
 class PrivacyRefusal(StamenError):

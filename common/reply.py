@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal, get_args
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -54,9 +55,10 @@ EVAL_METRICS = metric_keys("evaluate", required=True)
 QUERY_METRICS = metric_keys("query", required=True)
 METRICS_BY_KIND = {"train": TRAIN_METRICS, "evaluate": EVAL_METRICS, "query": QUERY_METRICS}
 
-#: Why a site refused (``meta`` ``code`` of a ``refused_budget`` reply; a bounded set, so it can
-#: label a metric): mirrors ``stamen.client.ledger.RefusalCode``; ``unknown`` is any other value.
-REFUSAL_CODES = (
+#: Why a site refuses a round: a release of statistics, the DP-SGD round itself, or
+#: (``per-shard``) every shard it holds would pass the budget; the ``policy-*`` codes: the
+#: instruction asks for less privacy than the site's policy or its ledger allows.
+RefusalCode = Literal[
     "statistics-release",
     "training-round",
     "every-shard-spent",
@@ -67,8 +69,11 @@ REFUSAL_CODES = (
     "policy-sample-rate",
     "policy-accountant",
     "policy-switch",
-    "unknown",
-)
+]
+
+#: The ``meta`` ``code`` values the server keeps (a bounded set, so it can label a metric);
+#: ``unknown`` stands for any other value.
+REFUSAL_CODES = (*get_args(RefusalCode), "unknown")
 
 REJECT_REASONS = (
     "message_error",  # Flower delivered an error instead of content (crash, timeout)

@@ -45,7 +45,7 @@ from stamen.server.evaluate import evaluate_centrally, load_server_data
 from stamen.server.grid_rounds import exchange, wait_for_nodes
 from stamen.server.observe import RoundObserver
 from stamen.server.optimizers.base import ServerOptimizer
-from stamen.server.optimizers.factory import make_server_optimizer
+from stamen.server.optimizers.factory import server_optimizer_of
 from stamen.server.outputs import RunOutputs
 from stamen.server.sites import SiteDirectory
 from stamen.server.stop import stop_reason, stop_requested
@@ -199,15 +199,7 @@ class Federation(ContinualRun):
             fix=bool(cfg["dp-fix-model"]),
         )
         self.arrays = model_to_arrays(self.model)
-        self.optimizer = make_server_optimizer(
-            str(cfg["strategy"]),
-            server_lr=float(cfg["server-lr"]),
-            momentum=float(cfg["server-momentum"]),
-            nesterov=bool(cfg["server-nesterov"]),
-            beta_1=float(cfg["beta-1"]),
-            beta_2=float(cfg["beta-2"]),
-            tau=float(cfg["tau"]),
-        )
+        self.optimizer = server_optimizer_of(cfg)
         self.sampler = SiteSampler(self.seeds["sampling"])
         self.poisson = cfg["site-sampling"] == "poisson"
         self.trust = TrustPolicy.from_config(cfg)

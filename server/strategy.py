@@ -45,7 +45,7 @@ from stamen.common.reply import RejectedReply, SiteReply, Status, check_update_a
 from stamen.common.runrecord import derive_seeds
 from stamen.server.dp_fedavg import DPFedAvg
 from stamen.server.loop import server_update
-from stamen.server.optimizers import Arrays, make_server_optimizer
+from stamen.server.optimizers import Arrays, server_optimizer_of
 from stamen.server.trust import TrustPolicy
 
 log = logging.getLogger("stamen.server")
@@ -69,15 +69,7 @@ class StamenStrategy(FedAvg):
         super().__init__(**flower_options)
         cfg = config if isinstance(config, StamenConfig) else StamenConfig.from_mapping(dict(config or {}))
         self.cfg = cfg
-        self.optimizer = make_server_optimizer(
-            str(cfg["strategy"]),
-            server_lr=float(cfg["server-lr"]),
-            momentum=float(cfg["server-momentum"]),
-            nesterov=bool(cfg["server-nesterov"]),
-            beta_1=float(cfg["beta-1"]),
-            beta_2=float(cfg["beta-2"]),
-            tau=float(cfg["tau"]),
-        )
+        self.optimizer = server_optimizer_of(cfg)
         self.trust = TrustPolicy.from_config(cfg)
         self.server_dp = (
             DPFedAvg(

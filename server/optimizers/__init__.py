@@ -9,7 +9,7 @@ so these optimizers take any aggregate and expose their state explicitly
 """
 
 from stamen.server.optimizers.base import Arrays, ServerOptimizer
-from stamen.server.optimizers.factory import OPTIMIZER_NAMES, make_server_optimizer
+from stamen.server.optimizers.factory import OPTIMIZER_NAMES, make_server_optimizer, server_optimizer_of
 from stamen.server.optimizers.fedadam import FedAdam
 from stamen.server.optimizers.fedavg import FedAvg
 from stamen.server.optimizers.fedavgm import FedAvgM
@@ -26,4 +26,5 @@ __all__ = [
     "FedYogi",
     "ServerOptimizer",
     "make_server_optimizer",
+    "server_optimizer_of",
 ]

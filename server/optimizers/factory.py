@@ -1,5 +1,6 @@
 """Build a server optimizer from run-config values."""
 
+from stamen.common.config import StamenConfig
 from stamen.common.errors import ConfigError
 from stamen.server.optimizers.base import ServerOptimizer, check_positive, check_unit_interval
 from stamen.server.optimizers.fedadam import FedAdam
@@ -39,3 +40,16 @@ def make_server_optimizer(
     if name == "fedadam":
         return FedAdam(eta=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau)
     return FedYogi(eta=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau)
+
+
+def server_optimizer_of(cfg: StamenConfig) -> ServerOptimizer:
+    """The run's server optimizer, from its ``strategy`` and server-optimizer keys."""
+    return make_server_optimizer(
+        str(cfg["strategy"]),
+        server_lr=float(cfg["server-lr"]),
+        momentum=float(cfg["server-momentum"]),
+        nesterov=bool(cfg["server-nesterov"]),
+        beta_1=float(cfg["beta-1"]),
+        beta_2=float(cfg["beta-2"]),
+        tau=float(cfg["tau"]),
+    )
