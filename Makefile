@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/stamen simulate $(DEMO_FLAGS) --metrics-port $(METRICS_PORT)
 
+# pytest-xdist workers (0: one process). Two on the 2-core machine: every deployment test
+# runs on one worker in order (they mostly wait on their processes), the rest are shared.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,7 +30,8 @@ from stamen.client.ledger import Ledger, PrivacyRefusal
 from stamen.client.noise import attempt_seeds, check_noise_mode
 from stamen.client.pool import TrainingPool
 from stamen.client.privacy import SitePrivacy
-from stamen.client.replay import ReplayBuffer
+from stamen.client.receipts import reconcile, record_sent
+from stamen.client.replay import ReplayBuffer, membership_key
 from stamen.client.site_policy import SitePolicy
 from stamen.client.sources import site_view
 from stamen.client.train import pick_device, round_seed, train_local
@@ -38,12 +39,14 @@ from stamen.client.view import SiteView
 from stamen.common.config import SIMULATION_ONLY, StamenConfig
 from stamen.common.convert import arrays_to_record, load_arrays, model_to_arrays, record_to_arrays
 from stamen.common.errors import ConfigError, StamenError
-from stamen.common.identity import site_id_from_node_config
+from stamen.common.features import on_features
+from stamen.common.identity import IDENTITY_KEY, IDENTITY_RECORD, prove_identity, site_id_from_node_config
 from stamen.common.instruction import check_schema_header
-from stamen.common.models import build_model, evaluate_model
-from stamen.common.reply import Status, make_reply
+from stamen.common.models import SITE_MODELS, ModelNotAllowed, build_model, check_site_model, evaluate_model
+from stamen.common.reply import DP_ERROR_REASON, NoDataCode, Status, make_reply
 from stamen.common.runrecord import derive_seeds
-from stamen.common.state import SiteStore
+from stamen.common.sitedata import with_site_data
+from stamen.common.state import SiteLock, SiteStore
 
 log = logging.getLogger("stamen.client")
 
@@ -71,12 +74,20 @@ class Instruction:
         self.model_name = str(raw.pop("model-name", "auto"))
         self.input_shape = tuple(int(v) for v in raw.pop("model-input-shape", []))
         self.num_classes = int(raw.pop("model-num-classes", 0))
+        from_round = raw.pop("receipts-from-round", None)  # which sent updates arrived (client/receipts.py)
+        self.receipts_from = None if from_round is None else int(from_round)
+        self.received_updates = [int(v) for v in raw.pop("received-updates", [])]
         self.cfg = StamenConfig.for_site(raw)
         self.site_id = site_id_from_node_config(context.node_config)
-        self.node_config = context.node_config
+        self.node_config = with_site_data(context.node_config, self.cfg)  # a simulated site's own entry
         self.arrays = (
             record_to_arrays(msg.content.array_records["arrays"]) if "arrays" in msg.content.array_records else None
         )
+
+    @property
+    def cache_mb(self) -> int:
+        """Memory for fixed features computed once (:mod:`common.features`); 0 computes them every pass."""
+        return int(self.cfg["feature-cache-mb"])
 
     @property
     def policy(self) -> SitePolicy:
@@ -104,7 +115,16 @@ class Instruction:
     def replay(self, store: SiteStore) -> ReplayBuffer | None:
         """The site's replay buffer, or None when ``replay-size`` is 0."""
         size = int(self.cfg["replay-size"])
-        return ReplayBuffer(store, size, derive_seeds(int(self.cfg["seed"]))["client"]) if size else None
+        if not size:
+            return None
+        key = membership_key(
+            store,
+            node_config=self.node_config,
+            private=self.private,
+            noise_mode=str(self.cfg["dp-noise"]),
+            public_seed=derive_seeds(int(self.cfg["seed"]))["client"],
+        )
+        return ReplayBuffer(store, size, int(self.cfg["replay-horizon"]), key)
 
     def store(self) -> SiteStore:
         """This site's state store: node config's ``state-dir``, else the run's (simulation)."""
@@ -113,7 +133,12 @@ class Instruction:
             raise ConfigError("no state directory: set state-dir in this node's config")
         return SiteStore(str(root), self.site_id)
 
+    def check_model(self) -> None:
+        """ModelNotAllowed unless this site's node config allows the instruction's model."""
+        check_site_model(self.model_name, self.node_config.get(SITE_MODELS))
+
     def model(self) -> torch.nn.Module:
+        self.check_model()
         if self.arrays is None:
             raise ConfigError("instruction carries no model arrays")
         model = _model(
@@ -131,20 +156,55 @@ def _site_id_or_unknown(context: Context) -> str:
 
 
 def _error_reply(msg: Message, context: Context, exc: StamenError) -> Message:
+    if isinstance(exc, ModelNotAllowed):  # a refusal by this site's own rule, counted by code
+        log.warning("site %s refused (%s): %s", _site_id_or_unknown(context), exc.code, exc)
+        return make_reply(msg, _site_id_or_unknown(context), Status.REFUSED_BUDGET, reason=str(exc), code=exc.code)
     log.error("site %s: %s", _site_id_or_unknown(context), exc)
     return make_reply(msg, _site_id_or_unknown(context), Status.ERROR, reason=str(exc))
 
 
+def _no_data(msg: Message, site_id: str, code: NoDataCode, proof: dict[str, str] | None = None) -> Message:
+    """The ``no_data`` reply: its fixed code is all it says (whether a site has records is public, SECURITY.md)."""
+    return make_reply(msg, site_id, Status.NO_DATA, reason=code, code=code, proof=proof)
+
+
+def _refused(msg: Message, ins: Instruction, exc: PrivacyRefusal) -> Message:
+    """The ``refused_budget`` reply: the refusal's code only; the text (epsilon figures, shard names) is logged."""
+    log.info("site %s round %d refused (%s): %s", ins.site_id, ins.server_round, exc.code, exc)
+    return make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=exc.code, code=exc.code)
+
+
+def _private_error(msg: Message, ins: Instruction, exc: StamenError) -> Message:
+    """An error reply from a DP site reading its records: the exception's type only, its text to the log."""
+    log.error("site %s round %d: %s", ins.site_id, ins.server_round, exc)
+    return make_reply(msg, ins.site_id, Status.ERROR, reason=DP_ERROR_REASON.format(kind=type(exc).__name__))
+
+
+def _identity_proof(msg: Message, context: Context, site_id: str) -> dict[str, str] | None:
+    """Sign the server's nonce with this node's key (deployment); None in simulation, which has no keys."""
+    challenge = msg.content.config_records.get(IDENTITY_RECORD)
+    key_path = context.node_config.get(IDENTITY_KEY)
+    if challenge is None or key_path is None:
+        return None
+    return prove_identity(str(key_path), site_id, msg.metadata.run_id, str(challenge["nonce"]))
+
+
 def query(msg: Message, context: Context) -> Message:
-    """Identity handshake: who this site is and (with DP off) how much data it holds."""
+    """Identity handshake: who this site is, proven with its node key, and (with DP off) how much data it holds."""
     try:
         site_id = site_id_from_node_config(context.node_config)
+        proof = _identity_proof(msg, context, site_id)
         ins = Instruction(msg, context)
-        num_train = ins.view().num_train
+        try:  # reading the records, as in train()
+            num_train = ins.view().num_train
+        except StamenError as exc:
+            if ins.private:
+                return _private_error(msg, ins, exc)
+            raise
         if num_train == 0:
-            return make_reply(msg, site_id, Status.NO_DATA, reason="no training data yet")
+            return _no_data(msg, site_id, "no-training-data", proof=proof)
         metrics = {"num-examples": num_train} if not ins.private or ins.public_stats else {}
-        return make_reply(msg, site_id, Status.OK, metrics=metrics)
+        return make_reply(msg, site_id, Status.OK, metrics=metrics, proof=proof)
     except StamenError as exc:
         return _error_reply(msg, context, exc)
 
@@ -161,38 +221,50 @@ def train(msg: Message, context: Context, data_transform: DataTransform | None =
     """
     try:
         ins = Instruction(msg, context)
+        ins.check_model()
         check_noise_mode(str(ins.cfg["dp-noise"]), ins.node_config)
         store = ins.store()
+        with SiteLock.held(store.dir):  # one process per site state dir (common.state.SiteLock)
+            return _train(msg, ins, store, data_transform)
+    except StamenError as exc:
+        return _error_reply(msg, context, exc)
+
+
+def _train(msg: Message, ins: Instruction, store: SiteStore, data_transform: DataTransform | None) -> Message:
+    """:func:`train`'s round, run while this process holds the site's lock."""
+    reconcile(store, ins.server_round, ins.receipts_from, ins.received_updates)
+    try:  # reading the records: a DP site's error text (counts, shapes, files) stays in its log
         view = ins.view(ingest=True)
         if data_transform is not None:
             view = data_transform(view, ins)
         replay = ins.replay(store)
         pool = TrainingPool.build(view, replay.replay(view) if replay else None)
-        if len(pool) == 0:
-            return make_reply(msg, ins.site_id, Status.NO_DATA, reason="no training data this round")
-        model = ins.model()
-        seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
-        device = pick_device(str(ins.cfg["device"]))
-        if ins.private:
-            try:
-                ins.policy.check_dp(ins.cfg)
-                reply = _train_private(msg, ins, view, pool, model, store, seed, device)
-            except PrivacyRefusal as exc:
-                log.info("site %s round %d refused (%s): %s", ins.site_id, ins.server_round, exc.code, exc)
-                reply = make_reply(msg, ins.site_id, Status.REFUSED_BUDGET, reason=str(exc), code=exc.code)
-        else:
-            result = train_local(
-                model, pool.x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device
-            )
-            _record_participation(store, ins, result.num_examples)
-            metrics = {**result.metrics(), **_drift(ins, view, store, seed, None)}
-            reply = make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
-        if replay is not None and _trained(reply):
-            replay.offer(view)
-            replay.save()
-        return reply
     except StamenError as exc:
-        return _error_reply(msg, context, exc)
+        if ins.private:
+            return _private_error(msg, ins, exc)
+        raise
+    if len(pool) == 0:
+        return _no_data(msg, ins.site_id, "no-training-data")
+    model = ins.model()
+    seed = round_seed(derive_seeds(int(ins.cfg["seed"]))["client"], ins.site_id, ins.server_round)
+    device = pick_device(str(ins.cfg["device"]))
+    if ins.private:
+        try:
+            ins.policy.check_dp(ins.cfg)
+            reply = _train_private(msg, ins, view, pool, model, store, seed, device)
+        except PrivacyRefusal as exc:
+            reply = _refused(msg, ins, exc)
+    else:
+        net, x = on_features(model, pool.x, cache_mb=ins.cache_mb, scope=ins.site_id, device=device)
+        result = train_local(net, x, pool.y, ins.cfg, server_round=ins.server_round, seed=seed, device=device)
+        _record_participation(store, ins, result.num_examples)
+        metrics = {**result.metrics(), **_drift(ins, view, store, seed, None)}
+        metrics.update(record_sent(store, ins.server_round, charged=False))
+        reply = make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
+    if replay is not None and _trained(reply):
+        replay.offer(view)
+        replay.save()
+    return reply
 
 
 def _trained(reply: Message) -> bool:
@@ -232,6 +304,7 @@ def _record_participation(store: SiteStore, ins: Instruction, num_examples: int)
         rounds=record["rounds"] + 1,
         examples=record["examples"] + num_examples * int(ins.cfg["local-epochs"]),
         last_round=ins.server_round,
+        dp_rounds=record.get("dp_rounds", 0) + int(ins.private),  # the ledger must show at least these
     )
     store.write_json("participation", record, durable=False)  # a count for operators, written every round
 
@@ -262,9 +335,10 @@ def _train_private(
         view.shard_names, lambda ledger: _drift(ins, view, store, seeds.releases, ledger)
     )
     plan = privacy.plan(pool, seeds.releases)
+    net, x = on_features(model, plan.pool.x, cache_mb=ins.cache_mb, scope=ins.site_id, device=device)
     result = train_private(
-        model,
-        plan.pool.x,
+        net,
+        x,
         plan.pool.y,
         cfg,
         server_round=ins.server_round,
@@ -279,8 +353,10 @@ def _train_private(
     privacy.charge(plan, result)
     _record_participation(store, ins, result.num_examples)
     metrics = {**result.metrics(), **drift, **privacy.report(plan, result)}
+    metrics["ghost-clipping"] = float(result.grad_sample_mode == "ghost")  # the run record says which mode ran
     if not ins.public_stats:
         del metrics["train-loss"]
+    metrics.update(record_sent(store, ins.server_round, charged=True))
     return make_reply(msg, ins.site_id, Status.OK, arrays=_sent_arrays(ins, model, store), metrics=metrics)
 
 
@@ -293,6 +369,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this site's held-out data."""
     try:
         ins = Instruction(msg, context)
+        ins.check_model()
         if ins.private and not ins.public_stats:
             raise ConfigError(
                 "evaluation statistics of a DP site are not noised: it takes part in federated evaluation "
@@ -302,8 +379,10 @@ def evaluate(msg: Message, context: Context) -> Message:
             raise ConfigError("this site holds out no data for evaluation (holdout-fraction is 0)")
         data = ins.view()
         if data.num_holdout == 0:
-            return make_reply(msg, ins.site_id, Status.NO_DATA, reason="no held-out data this round")
-        loss, acc = evaluate_model(ins.model(), data.x_holdout, data.y_holdout, pick_device(str(ins.cfg["device"])))
+            return _no_data(msg, ins.site_id, "no-holdout-data")
+        device = pick_device(str(ins.cfg["device"]))
+        net, x = on_features(ins.model(), data.x_holdout, cache_mb=ins.cache_mb, scope=ins.site_id, device=device)
+        loss, acc = evaluate_model(net, x, data.y_holdout, device)
         return make_reply(
             msg,
             ins.site_id,

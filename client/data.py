@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from stamen.common.datasets import load_dataset
 from stamen.common.errors import ConfigError
 from stamen.common.partition import partition_indices, split_holdout
 from stamen.common.runrecord import derive_seeds
+from stamen.common.sitedata import entry_dataset, loader_dataset
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,42 @@ def _node_site(spec: str, holdout: float, seed: int) -> SiteData:
     return SiteData(x_tr, y_tr, x_ho, y_ho)
 
 
+def _holdout(cfg: StamenConfig) -> tuple[float, int]:
+    return float(cfg["holdout-fraction"]), derive_seeds(int(cfg["seed"]))["partition"]
+
+
+@lru_cache(maxsize=64)
+def _loader_site(spec: str, partition_id: int, num_partitions: int, holdout: float, seed: int) -> SiteData:
+    """A ``data-loader`` site: its arrays, ``holdout`` of them held out (its ``x_test`` is the server's)."""
+    data = loader_dataset(spec, partition_id, num_partitions)
+    train_idx, hold_idx = split_holdout(np.arange(len(data.y_train)), holdout, seed + partition_id)
+    x_tr, y_tr = _tensors(data.x_train[train_idx], data.y_train[train_idx])
+    x_ho, y_ho = _tensors(data.x_train[hold_idx], data.y_train[hold_idx])
+    return SiteData(x_tr, y_tr, x_ho, y_ho)
+
+
+def _dir_site(path: str, holdout: float, seed: int) -> SiteData:
+    """Every file in a data directory now, as one dataset (the rounds' view is :mod:`client.datadir`'s)."""
+    data = entry_dataset(Path(path))
+    train_idx, hold_idx = split_holdout(np.arange(len(data.y_train)), holdout, seed)
+    x_tr, y_tr = _tensors(data.x_train[train_idx], data.y_train[train_idx])
+    x_ho, y_ho = _tensors(data.x_train[hold_idx], data.y_train[hold_idx])
+    return SiteData(x_tr, y_tr, x_ho, y_ho)
+
+
 def load_site_data(node_config: Mapping[str, Any], cfg: StamenConfig) -> SiteData:
-    """This site's data: the node's own ``data`` spec, else its simulation partition."""
+    """This site's data: the node's own ``data`` (or ``data-dir``, as it is now), else its ``data-loader``
+    arrays, else its partition.
+
+    A ``site-data`` site arrives here with its entry as ``data`` (:func:`~stamen.common.sitedata.with_site_data`).
+    """
     seed = derive_seeds(int(cfg["seed"]))["partition"]
     if "data" in node_config:
         return _node_site(str(node_config["data"]), float(cfg["holdout-fraction"]), seed)
+    if "data-dir" in node_config:
+        return _dir_site(str(node_config["data-dir"]), *_holdout(cfg))
+    if "partition-id" in node_config and "num-partitions" in node_config and cfg["data-loader"]:
+        return _loader_site(str(cfg["data-loader"]), *_split_args(node_config, cfg)[:2], *_holdout(cfg))
     if "partition-id" in node_config and "num-partitions" in node_config:
         return _simulated_site(str(cfg["dataset"]), *_split_args(node_config, cfg))
     raise ConfigError('node config names no data: set data = "npz:PATH" or "csv:PATH" for this node')

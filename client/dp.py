@@ -25,18 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from stamen.client.ledger import Ledger, check_accountant
 from stamen.client.train import TrainResult, autocast_dtype, make_optimizer
@@ -45,10 +45,83 @@ from stamen.common.errors import ConfigError
 from stamen.common.models import check_private_model
 from stamen.common.schedule import lr_at
 
-# Per-sample gradients by Opacus's hooks. Measured on CPU (cnn28, 400 examples, one thread),
-# "ew" is ~20% faster but fails on an empty Poisson batch and under bf16 autocast, and
-# "functorch" is slower and fails on an empty batch through a conv layer.
-GRAD_SAMPLE_MODE = "hooks"
+# The per-sample modes a round may run (``dp-grad-sample-mode``). "hooks": Opacus's per-sample
+# gradients. "ghost": Opacus's ghost clipping, per-sample norms of Linear and Embedding layers
+# without their per-sample gradients (other layers' come from the same hooks), and a second
+# backward pass of the loss re-weighted by the clip factors; both clip every example to
+# max_grad_norm with the same factor, so the noise and the accounting are the same. Of the
+# other modes, "ew" fails on an empty Poisson batch and under bf16 autocast, and "functorch"
+# is slower and fails on an empty batch through a conv layer (measured on CPU, cnn28).
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
+def grad_sample_mode(cfg: StamenConfig, device: torch.device) -> str:
+    """The mode a round runs: the configured one, or "hooks" where ghost clipping cannot clip right.
+
+    Under bf16 autocast Opacus takes ghost norms in bf16, as it does the hooks' norms that
+    :class:`Fp32ClipOptimizer` re-takes in fp32; ghost clipping has no such place to mend, so a
+    bf16 round falls back to hooks. The choice depends on the configuration and device only,
+    never on the data, so the run record can say which mode every site ran.
+    """
+    asked = str(cfg["dp-grad-sample-mode"])  # one of GRAD_SAMPLE_MODES: the config table checked it
+    if asked == "ghost" and autocast_dtype(str(cfg["precision"]), device) is not None:
+        return "hooks"
+    return asked
+
+
+class Fp32ClipOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer, clipping per-sample gradients in fp32.
+
+    Under bf16 autocast the per-sample gradients Opacus's hooks compute are bf16, and
+    Opacus 1.6 takes their norms (and so the clip factors) in that dtype before casting
+    the gradients to the parameters' fp32: clipped gradients then overshoot
+    ``max_grad_norm`` by up to 0.7 %, and the sensitivity the accountant assumes is wrong.
+    Casting ``p.grad_sample`` to fp32 first is the smallest change at the one place the
+    norms are taken; everything else (noise, scaling, hooks) stays Opacus's.
+    """
+
+    def clip_and_accumulate(self) -> None:
+        for p in self.params:
+            grads = p.grad_sample
+            p.grad_sample = [g.float() for g in grads] if isinstance(grads, list) else grads.float()
+        super().clip_and_accumulate()
+
+
+class Fp32ClipPrivacyEngine(PrivacyEngine):
+    """Opacus's PrivacyEngine, making :class:`Fp32ClipOptimizer` (flat clipping, one process).
+
+    ``_prepare_optimizer`` is where ``make_private`` picks its optimizer class; Opacus
+    offers no argument for a custom one, so this overrides that one step and keeps the rest
+    (module wrapping, accountant hook, data loader) as Opacus does it.
+    """
+
+    def _prepare_optimizer(  # type: ignore[override]
+        self,
+        *,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        loss_reduction: str = "mean",
+        noise_generator: torch.Generator | None = None,
+        clipping: str = "flat",
+        distributed: bool = False,
+        grad_sample_mode: str = "hooks",
+        **_: object,
+    ) -> DPOptimizer:
+        if clipping != "flat" or distributed:
+            raise ConfigError(f"DP-SGD here clips flat on one process, not clipping={clipping!r}, {distributed=}")
+        # ghost clipping clips inside its backward pass: Opacus's own optimizer for it, fp32 only
+        optimizer_class = DPOptimizerFastGradientClipping if grad_sample_mode == "ghost" else Fp32ClipOptimizer
+        return optimizer_class(
+            optimizer=optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+            secure_mode=False,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,10 +135,24 @@ class DPTrainResult(TrainResult):
     steps_executed: int
     sample_rate: float
     noise_multiplier: float
+    grad_sample_mode: str = "hooks"
 
     def commit(self, ledger: Ledger) -> None:
         """Charge this round to the site's ledger; call before the update leaves the site."""
         ledger.record(self.noise_multiplier, self.sample_rate, self.steps_executed)
+
+
+def batches_per_epoch(num_examples: int, cfg: StamenConfig) -> int:
+    """Logical (Poisson) batches per epoch, ``ceil(num_examples / logical batch)``, in integers.
+
+    The one source of the round's sample rate (``1 / batches_per_epoch``) and step count:
+    the sampler, the accountant, the plan and the refusal check all read it, never a float
+    round trip (``int(1 / (1 / k))`` is ``k - 1`` for k = 93 and 69 other k <= 1000).
+    """
+    logical_batch = int(cfg["batch-size"]) * int(cfg["accum-steps"])
+    if num_examples < 1 or logical_batch < 1:
+        raise ConfigError(f"a DP round needs >= 1 example and batch, got {num_examples} and {logical_batch}")
+    return -(-num_examples // logical_batch)
 
 
 def dp_schedule(num_examples: int, cfg: StamenConfig) -> tuple[float, int]:
@@ -73,12 +160,12 @@ def dp_schedule(num_examples: int, cfg: StamenConfig) -> tuple[float, int]:
 
     On a DP site ``num_examples`` is the *released* count (:mod:`client.release`), so the
     schedule — and everything computed from it that leaves the site — is post-processing
-    of a charged release, never of the exact size. The rate is ``1 / batches per epoch``
-    so that Opacus's Poisson sampler draws exactly ``1 / rate`` batches per epoch.
+    of a charged release, never of the exact size. The rate is ``1 / k`` and the round
+    takes ``local-epochs * k`` steps, ``k`` = :func:`batches_per_epoch`; :func:`train_private`
+    gives Opacus's sampler exactly ``k`` batches per epoch.
     """
-    logical_batch = int(cfg["batch-size"]) * int(cfg["accum-steps"])
-    rate = 1 / math.ceil(num_examples / logical_batch)
-    return rate, int(cfg["local-epochs"]) * int(1 / rate)
+    k = batches_per_epoch(num_examples, cfg)
+    return 1 / k, int(cfg["local-epochs"]) * k
 
 
 def train_private(
@@ -95,6 +182,7 @@ def train_private(
     planned_examples: int,
     accountant_name: str = "rdp",
     noise_seed: int | None = None,
+    before_noise: Callable[[DPOptimizer], None] | None = None,
 ) -> DPTrainResult:
     """Run ``local-epochs`` of DP-SGD and load the result into ``model`` (unwrapped keys).
 
@@ -104,6 +192,11 @@ def train_private(
     sample rate comes from ``planned_examples`` (the released count, see
     :func:`dp_schedule`) and the noisy sum is divided by the expected batch computed from
     it, so no exact record count enters what leaves the site.
+
+    ``before_noise`` is for the privacy audit only (:mod:`simulations.audit`): called on
+    each noisy step with the optimizer after clipping (``p.summed_grad`` holds the sum of
+    clipped per-sample gradients) and before Opacus adds the noise. The ClientApp never
+    passes it and no run-config key reaches it, so no instruction can switch it on.
     """
     if not (noise_multiplier > 0 and max_grad_norm > 0):
         raise ConfigError(
@@ -118,21 +211,43 @@ def train_private(
     work = copy.deepcopy(model).to(device).train()
     check_private_model(work)
     rate, _ = dp_schedule(planned_examples, cfg)
-    loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate, generator=torch.Generator().manual_seed(seed))
+    # Opacus's own Poisson sampler, told the batch count: left to itself it draws int(1 / rate) batches.
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(y),
+        sample_rate=rate,
+        generator=torch.Generator().manual_seed(seed),
+        steps=batches_per_epoch(planned_examples, cfg),
+    )
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=sampler)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=accountant_name, secure_mode=False)
-    dp_model, optimizer, dp_loader = engine.make_private(
+        engine = Fp32ClipPrivacyEngine(accountant=accountant_name, secure_mode=False)
+    mode = grad_sample_mode(cfg, device)
+    private = engine.make_private(
         module=work,
         optimizer=make_optimizer(work, cfg),
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         noise_generator=torch.Generator(device=device).manual_seed(seed + 1 if noise_seed is None else noise_seed),
-        grad_sample_mode=GRAD_SAMPLE_MODE,
+        grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(),  # ghost clipping's loss wrapper takes it; hooks ignore it
         poisson_sampling=False,  # the loader above already samples Poisson at the planned rate
     )
+    if mode == "ghost":
+        dp_model, optimizer, criterion, dp_loader = private
+    else:
+        dp_model, optimizer, dp_loader = private
+        criterion = _mean_cross_entropy
     optimizer.expected_batch_size = max(1, round(planned_examples * rate))
+    if before_noise is not None:
+        add_noise = optimizer.add_noise
+
+        def add_noise_after_hook() -> None:
+            before_noise(optimizer)
+            add_noise()
+
+        optimizer.add_noise = add_noise_after_hook  # type: ignore[method-assign]
     accountant_hook = optimizer.step_hook
     norms: list[float] = []
 
@@ -153,10 +268,10 @@ def train_private(
                     xb, yb = x[index].to(device), y[index].to(device)
                     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
                     with ctx:
-                        # mean over the physical batch, 0 (not NaN) for an empty Poisson batch
-                        loss = F.cross_entropy(dp_model(xb), yb, reduction="sum") / max(len(yb), 1)
+                        loss = criterion(dp_model(xb), yb)
                     loss.backward()
-                    loss_sum += float(loss.detach()) * len(yb)
+                    if len(yb):  # ghost clipping's loss of an empty batch is the mean of nothing
+                        loss_sum += float(loss.detach()) * len(yb)
                     seen += len(yb)
                     # only the last physical batch of a logical one steps, so len(norms) is the step index
                     lr = lr_at(server_round - 1 + (len(norms) + 1) / expected_steps, cfg)
@@ -177,4 +292,10 @@ def train_private(
         steps_executed=steps,
         sample_rate=rate,
         noise_multiplier=sigma,
+        grad_sample_mode=mode,
     )
+
+
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the physical batch, 0 (not NaN) for an empty Poisson batch (the hooks mode's loss)."""
+    return F.cross_entropy(logits, labels, reduction="sum") / max(len(labels), 1)

@@ -20,6 +20,10 @@ stopped (the SuperNode also gets SIGKILL if this process is killed). A SuperNode
 activation the SuperLink refuses (unregistered key, or the previous session of the same
 key is still marked online: up to two heartbeats, about a minute, after a crash) is
 started again until ``connect-timeout`` has passed.
+
+A node holds its site state dir's lock (:class:`common.state.SiteLock`) for its life, so a
+second node (or ``stamen node ack-ledger``) on the same dir is refused; with the ``flower``
+executor each ClientApp process takes it per message instead.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -41,9 +46,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from stamen.common.errors import ConfigError
-from stamen.common.identity import validate_site_id
+from stamen.common.identity import IDENTITY_KEY, validate_site_id
+from stamen.common.state import SiteLock, SiteStore
+
+if TYPE_CHECKING:
+    from stamen.client.site_policy import SitePolicy
 
 log = logging.getLogger("stamen.node")
 
@@ -62,6 +72,7 @@ OWN_OPTION = {
     "data": "--data",
     "data-dir": "--data-dir",
     "epsilon-budget": "--epsilon-budget",
+    IDENTITY_KEY: "--auth-key",
 }
 
 
@@ -79,11 +90,16 @@ class NodeSettings:
     insecure: bool = False
     epsilon_budget: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
-    runtime_port: int = 9094
+    runtime_port: int = 0  # 0: a free loopback port, chosen at start (several nodes on one host)
     executor: str = "warm"
     poll: float = 0.05
     connect_timeout: float = 120.0
     torch_threads: int = 0
+    #: Port of Flower's gRPC health service (no TLS: it answers "serving" and nothing else); 0: none.
+    health_port: int = 0
+    #: Where the health service listens: loopback unless the operator opens it (a kubelet's
+    #: probes come to the pod's address, so the k8s manifest sets 0.0.0.0).
+    health_host: str = "127.0.0.1"
 
 
 def check_private(path: Path, what: str, mask: int) -> None:
@@ -123,7 +139,7 @@ def _check_state_dir(path: Path) -> None:
         raise ConfigError(f"state directory {path} does not exist (create it with: install -d -m 700 {path})")
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise ConfigError(f"state directory {path} is not writable by this user")
-    check_private(path, "state directory", 0o007)
+    check_private(path, "state directory", 0o077)
 
 
 def _check_tls(settings: NodeSettings) -> None:
@@ -131,19 +147,23 @@ def _check_tls(settings: NodeSettings) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-    if settings.insecure:
-        if settings.auth_key is not None:
-            raise ConfigError("--insecure cannot authenticate the node: node authentication needs TLS")
-        return
-    if settings.root_certificates is None:
-        raise ConfigError("--root-certificates (the federation's CA) is required unless --insecure (development only)")
     if settings.auth_key is None:
-        raise ConfigError("--auth-key (this node's private key, deploy/tls/make-node-key.sh) is required")
-    ca = readable_file(settings.root_certificates, "root certificate file")
-    try:
-        x509.load_pem_x509_certificates(ca.read_bytes())
-    except ValueError as exc:
-        raise ConfigError(f"root certificate file {ca} holds no PEM certificate: {exc}") from None
+        raise ConfigError(
+            "--auth-key (this node's private key, deploy/tls/make-node-key.sh) is required: the ServerApp binds "
+            "the site-id to it"
+            + (" (with --insecure Flower does not authenticate the node, but stamen's handshake still does)"
+               if settings.insecure else "")
+        )  # fmt: skip
+    if not settings.insecure:
+        if settings.root_certificates is None:
+            raise ConfigError(
+                "--root-certificates (the federation's CA) is required unless --insecure (development only)"
+            )
+        ca = readable_file(settings.root_certificates, "root certificate file")
+        try:
+            x509.load_pem_x509_certificates(ca.read_bytes())
+        except ValueError as exc:
+            raise ConfigError(f"root certificate file {ca} holds no PEM certificate: {exc}") from None
     key = readable_file(settings.auth_key, "authentication key")
     check_private(key, "authentication key", 0o077)
     try:
@@ -178,20 +198,33 @@ def check(settings: NodeSettings) -> NodeSettings:
     _check_tls(settings)
     if settings.torch_threads < 0:
         raise ConfigError(f"--torch-threads must be >= 0, got {settings.torch_threads}")
+    if not 0 <= settings.health_port <= 65535 or (
+        settings.health_port and settings.health_port == settings.runtime_port
+    ):
+        raise ConfigError(f"--health-port must be 0 or a port other than --runtime-port, got {settings.health_port}")
     if settings.epsilon_budget is not None and not settings.epsilon_budget > 0:
         raise ConfigError(f"--epsilon-budget must be > 0, got {settings.epsilon_budget}")
-    _check_site_policy(settings)
+    site_policy(settings)
     return settings
 
 
-def _check_site_policy(settings: NodeSettings) -> None:
-    """A site privacy policy (``site-*`` keys, :mod:`client.site_policy`) is checked before the node starts."""
-    from stamen.client.site_policy import POLICY_KEYS, SitePolicy
+def site_policy(settings: NodeSettings) -> SitePolicy:
+    """This node's privacy policy (``site-*`` keys, :mod:`client.site_policy`), checked before the node starts.
+
+    A node without any privacy configuration would refuse every round (DP is required by
+    default, and it has no budget), so it does not start: its operator chooses a budget
+    or ``site-dp=false``.
+    """
+    from stamen.client.site_policy import SitePolicy
     from stamen.common.config import StamenConfig
 
-    config = node_config(settings)
-    if any(k in config for k in POLICY_KEYS):
-        SitePolicy.of(config, StamenConfig.from_mapping({}))
+    policy = SitePolicy.of(node_config(settings), StamenConfig.from_mapping({}))
+    if policy.dp_required and not policy.budget > 0:
+        raise ConfigError(
+            "this node has no privacy configuration: it requires DP by default and needs its own budget "
+            "(--epsilon-budget E); to accept runs without DP set --set site-dp=false"
+        )
+    return policy
 
 
 def with_policy_file(settings: NodeSettings, path: Path) -> NodeSettings:
@@ -228,6 +261,8 @@ def node_config(settings: NodeSettings) -> dict[str, object]:
         config["data"] = f"{kind}:{Path(path).resolve()}"
     if settings.epsilon_budget is not None:
         config["epsilon-budget"] = float(settings.epsilon_budget)
+    if settings.auth_key is not None:  # the ClientApp signs the server's identity handshake with it
+        config[IDENTITY_KEY] = str(settings.auth_key.resolve())
     config.update(settings.extra)
     return config
 
@@ -251,6 +286,8 @@ def supernode_command(settings: NodeSettings, secret_file: Path | None) -> list[
                 str(settings.auth_key.resolve())]  # fmt: skip
     pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config(settings).items())
     cmd += ["--node-config", pairs, "--host", "127.0.0.1", "--port", str(settings.runtime_port)]
+    if settings.health_port:
+        cmd += ["--health-server-address", f"{settings.health_host}:{settings.health_port}"]
     if settings.executor == "warm":
         cmd += ["--isolation", "process"]
         if secret_file is not None:
@@ -333,12 +370,40 @@ class _Stop(Exception):
     """SIGTERM/SIGINT arrived while no task was running."""
 
 
+def pick_runtime_port(port: int) -> int:
+    """The SuperNode's loopback Runtime API port: ``port`` if it is free, or any free one for 0.
+
+    A taken port would otherwise surface as Flower's ``401 Unauthorized`` from whichever node
+    already listens there (another ``stamen node`` on this host). The probe binds as gRPC does,
+    with ``SO_REUSEADDR``: a node restarted on its port finds the old connections in TIME_WAIT
+    there for a minute, which gRPC's bind accepts and a plain bind refuses; a live listener is
+    refused either way.
+    """
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ConfigError(
+                f"--runtime-port {port} on 127.0.0.1 is in use ({exc.strerror or exc}; another node on this host?): "
+                "give each node its own --runtime-port, or leave it out and a free one is chosen"
+            ) from None
+        return int(probe.getsockname()[1])
+
+
 def run_node(settings: NodeSettings, env: Mapping[str, str] | None = None) -> int:
     """Run the site until it is stopped or its SuperNode ends; the exit code to return."""
     env = dict(os.environ if env is None else env)
+    settings.runtime_port = pick_runtime_port(settings.runtime_port)
+    log.info("site %s: SuperNode Runtime API on 127.0.0.1:%d", settings.site_id, settings.runtime_port)
+    log.info("site %s privacy policy: %s", settings.site_id, site_policy(settings).describe())
+    site_dir = SiteStore(settings.state_dir, settings.site_id).dir
     if settings.executor == "flower":
         cmd = supernode_command(settings, None)
+        with SiteLock.held(site_dir):  # refused if another node holds it; each flwr-clientapp takes it per message
+            pass
         os.execve(cmd[0], cmd, env)  # Flower's own isolation: nothing of ours stays in between
+    SiteLock.acquire(site_dir)  # one node per site state dir, for this process's life (the OS drops it)
     secret_file = node_secret(settings.state_dir.resolve())
     cmd = supernode_command(settings, secret_file)
     state = {"busy": False, "stop": False}

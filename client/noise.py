@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stamen.common.errors import ConfigError
+from stamen.common.identity import simulated
 from stamen.common.state import SiteStore
 
 SECRET_ENTRY = "noise-secret.key"
@@ -52,7 +53,7 @@ class NoiseSeeds:
 
 def check_noise_mode(mode: str, node_config: Mapping[str, Any]) -> None:
     """Refuse ``dp-noise = seeded`` on a real node: the server could rebuild its noise from the seed."""
-    if mode == "seeded" and "partition-id" not in node_config:
+    if mode == "seeded" and not simulated(node_config):
         raise ConfigError(
             "run config 'dp-noise' = 'seeded' derives the DP noise from the public run seed, so the server could "
             "subtract it: a real node refuses it (seeded noise is for research simulations only)"

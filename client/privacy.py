@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from stamen.client.dp import DPTrainResult
-from stamen.client.ledger import LEDGER_ENTRY, Ledger, PrivacyLedger, PrivacyRefusal
+from stamen.client.ledger import LEDGER_ENTRY, Ledger, LedgerTampered, PrivacyLedger, PrivacyRefusal, check_integrity
 from stamen.client.pool import TrainingPool
 from stamen.client.shard_privacy import PrivatePlan, ShardLedgers, plan_private_round, shard_ledger_names, spent
 from stamen.client.site_policy import SitePolicy, check_ledgers
@@ -51,7 +51,7 @@ class SitePrivacy:
         self._store = store
         self._cfg = cfg
         self.budget = budget
-        self.policy = policy or SitePolicy.of({}, cfg)
+        self.policy = policy or SitePolicy.of_run(cfg)
         self._ledgers: dict[str, PrivacyLedger] = {}
         self._docs: dict[str, dict[str, Any] | None] = {}
 
@@ -63,7 +63,16 @@ class SitePrivacy:
 
     def admit(self, num_records: int) -> None:
         """PrivacyRefusal (a ``policy-*`` code) if the run asks for less privacy than the site's policy
-        or its ledgers allow; reads nothing but the ledgers and writes nothing."""
+        or its ledgers allow, ``ledger-tampered`` if a ledger is not the one the site last sealed
+        (:func:`client.ledger.check_integrity`; it seals a ledger from before sealing, else writes nothing)."""
+        try:
+            self._docs.update(check_integrity(self._store, self._doc))
+        except LedgerTampered as exc:
+            raise PrivacyRefusal(
+                "ledger-tampered",
+                f"{exc}; nothing is trained until an operator checks the site and runs: stamen node ack-ledger "
+                f"--state-dir {self._store.dir.parent} --site-id {self._store.site_id} --reason TEXT",
+            ) from exc
         self.policy.check_run(self._cfg, num_records)
         shards = shard_ledger_names(self._store)
         if self.per_shard:

@@ -1,32 +1,76 @@
-"""The replay buffer: a uniform sample of every record a site has trained on, kept to limit forgetting.
+"""The replay buffer: past training records a site keeps to limit forgetting, each by its own keyed hash.
 
-Reservoir sampling (Vitter's algorithm R): after ``n`` records have been offered, each of
-them is in the buffer with probability ``capacity / n``, whatever the order they came
-in, and the buffer never grows past ``capacity``. It is written here rather than taken
-from a library because the buffer, its generator and the ids of the records already
-offered must live in the site state store, written atomically, and continue bit for bit
-after a restart; none of the replay libraries we looked at (Avalanche, Renate) persist
-that way.
+A record is kept iff ``HMAC-SHA256(site secret, its record id)``, read as a number in
+[0, 1), is below the keep probability ``p = min(1, replay-size / replay-horizon)``. So a
+record's membership is a function of that record alone (and of the site's secret, which
+the server never sees, never of the run seed): adding or removing one record changes the
+buffer by that record only. That is what the add/remove DP accountant and the per-shard
+ledgers (parallel composition over disjoint shards) need; a reservoir (Vitter's algorithm
+R), used before, evicts *another* record when one arrives, so neighbouring data sets gave
+buffers that differ by a substitution. The price: the buffer holds ``p`` of every record
+offered, ``replay-size`` in expectation once ``replay-horizon`` records have arrived, and
+grows past it (by ``p`` per record) if more do. Lowering ``p`` later (a smaller
+``replay-size``) drops exactly the records above the new threshold; a record once dropped
+does not come back.
+
+It is written here because the buffer and the ids of the records already offered must
+live in the site state store, written atomically; none of the replay libraries we looked
+at (Avalanche, Renate) persist that way.
 
 Each round the site trains on its current data plus every buffered record that is not
 in the current data (by record id), and afterwards offers the round's new records. The
 buffer keeps each record's shard, so a per-shard privacy ledger can charge a replayed
 record to the shard it came from. Records are copied into the store: the buffer is
 private data at rest, like the data directory itself.
+
+The key is the site's secret wherever a privacy guarantee could rest on it: every real
+node, and every DP simulated site under ``dp-noise = "secret"``. A simulated site that
+trains without DP, or under the research opt-in ``dp-noise = "seeded"``, keys by the
+public run seed instead (:func:`membership_key`), so a simulation reproduces from its seed
+like the rest of its randomness.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from stamen.client.noise import site_secret
 from stamen.client.view import SiteView
 from stamen.common.errors import StateError
+from stamen.common.identity import simulated
 from stamen.common.state import SiteStore
 
 STATE_ENTRY = "replay"
+_HASH_SCALE = float(2**64)
+
+
+def keep_scores(secret: bytes, ids: np.ndarray) -> np.ndarray:
+    """Each record id's keyed hash as a number in [0, 1): a record is kept iff its score is below ``p``."""
+    digests = (
+        hmac.new(secret, b"stamen-replay/" + int(i).to_bytes(8, "little", signed=True), hashlib.sha256).digest()
+        for i in ids
+    )
+    return np.fromiter((int.from_bytes(d[:8], "little") / _HASH_SCALE for d in digests), float, len(ids))
+
+
+def membership_key(
+    store: SiteStore, *, node_config: Mapping[str, Any], private: bool, noise_mode: str, public_seed: int
+) -> bytes:
+    """The key of the buffer's keyed hash: the site's secret, unless nothing private rests on it.
+
+    Only a simulated site that is not DP, or is DP under the seeded research opt-in (whose
+    noise the run seed already fixes), gets a key derived from ``public_seed``.
+    """
+    if simulated(node_config) and (not private or noise_mode == "seeded"):
+        return hashlib.sha256(f"stamen-replay-public/{public_seed}/{store.site_id}".encode()).digest()
+    return site_secret(store)
 
 
 @dataclass(frozen=True)
@@ -43,20 +87,21 @@ class Replayed:
 
 
 class ReplayBuffer:
-    """A site's reservoir of past training records, persisted in its :class:`SiteStore`.
+    """A site's buffer of past training records, persisted in its :class:`SiteStore`.
 
     The JSON state (``replay.json``) names the generation of the arrays file
     (``replay-<g>.safetensors``) it belongs to; a new generation is written before the
     JSON that points at it, so a crash between the two leaves the old buffer intact.
     """
 
-    def __init__(self, store: SiteStore, capacity: int, seed: int) -> None:
-        if capacity < 1:
-            raise ValueError("a replay buffer needs capacity >= 1")
+    def __init__(self, store: SiteStore, capacity: int, horizon: int, key: bytes | None = None) -> None:
+        if capacity < 1 or horizon < 1:
+            raise ValueError(f"a replay buffer needs capacity >= 1 and horizon >= 1, got {capacity}, {horizon}")
         self.store = store
         self.capacity = capacity
+        self.keep = min(1.0, capacity / horizon)
+        self._secret = site_secret(store) if key is None else key
         state = store.read_json(STATE_ENTRY)
-        self.rng = np.random.Generator(np.random.PCG64(seed))
         self.shards: list[str] = []
         self.generation = 0
         self.x: np.ndarray | None = None
@@ -66,14 +111,12 @@ class ReplayBuffer:
         self.offered = np.zeros(0, dtype=np.int64)  # sorted ids of every record ever offered
         if state is not None:
             self._restore(state)
-        if len(self.y) > capacity:  # the operator lowered replay-size: keep a uniform subset
-            keep = np.sort(self.rng.choice(len(self.y), size=capacity, replace=False))
-            self._keep(keep)
+        if len(self):  # a lower keep probability than before drops the records above it, and only them
+            self._keep(np.flatnonzero(keep_scores(self._secret, self.ids) < self.keep))
 
     def _restore(self, state: dict) -> None:
         where = self.store.dir / f"{STATE_ENTRY}.json"
         try:
-            self.rng.bit_generator.state = state["rng"]
             self.shards = [str(s) for s in state["shards"]]
             self.generation = int(state["generation"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -94,7 +137,7 @@ class ReplayBuffer:
 
     @property
     def seen(self) -> int:
-        """Records offered so far (the reservoir's ``n``)."""
+        """Records offered so far."""
         return int(self.offered.shape[0])
 
     def replay(self, view: SiteView, exclude_shards: frozenset[str] = frozenset()) -> Replayed:
@@ -122,23 +165,16 @@ class ReplayBuffer:
         if new.size == 0:
             return 0
         x_new = view.x_train[new].numpy().astype(np.float32)
-        if self.x is None:
+        if self.x is None or len(self) == 0:  # an emptied buffer takes the shape of what comes now
             self.x = np.zeros((0, *x_new.shape[1:]), dtype=np.float32)
         shard_map = np.array([self._shard_index(s) for s in view.shard_names], dtype=np.int32)
         y_new, ids_new = view.y_train[new].numpy(), view.record_ids[new]
         s_new = shard_map[view.shard_of[new]]
-        fill = min(max(self.capacity - len(self), 0), len(new))
-        self.x = np.concatenate([self.x, x_new[:fill]])
-        self.y = np.concatenate([self.y, y_new[:fill]])
-        self.ids = np.concatenate([self.ids, ids_new[:fill]])
-        self.shard_of = np.concatenate([self.shard_of, s_new[:fill]])
-        rest = np.arange(fill, len(new))
-        if rest.size:
-            # the i-th record ever offered (0-based) replaces slot j ~ U{0..i} if j < capacity
-            positions = self.seen + rest
-            slots = self.rng.integers(0, positions + 1)
-            for i, j in zip(rest[slots < self.capacity], slots[slots < self.capacity], strict=True):
-                self.x[j], self.y[j], self.ids[j], self.shard_of[j] = x_new[i], y_new[i], ids_new[i], s_new[i]
+        kept = keep_scores(self._secret, ids_new) < self.keep
+        self.x = np.concatenate([self.x, x_new[kept]])
+        self.y = np.concatenate([self.y, y_new[kept]])
+        self.ids = np.concatenate([self.ids, ids_new[kept]])
+        self.shard_of = np.concatenate([self.shard_of, s_new[kept]])
         self.offered = np.union1d(self.offered, ids_new)
         return int(new.size)
 
@@ -160,7 +196,7 @@ class ReplayBuffer:
             STATE_ENTRY,
             {
                 "capacity": self.capacity,
-                "rng": self.rng.bit_generator.state,
+                "keep": self.keep,
                 "shards": self.shards,
                 "generation": self.generation,
                 "size": len(self),

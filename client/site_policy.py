@@ -14,9 +14,16 @@ default 1e-5), ``site-accountant`` (default ``rdp``), ``site-privacy-policy`` (d
 ``refuse``), ``site-min-noise`` (smallest noise multiplier, default 0 = any),
 ``site-max-sample-rate`` (largest sample rate, default 1), plus the existing
 ``epsilon-budget`` (required with ``site-dp = true``) and ``dp-public-stats`` (default false).
-A node without ``site-dp`` keeps no policy of its own: the run's values are its policy,
-as in a simulation without ``--site-policy``. Either way the ledger pins what it recorded:
-its accountant, its policy and its delta.
+
+A real node (``stamen node``, or any SuperNode running this ClientApp: its node config has
+no ``partition-id``, which only Flower's simulation engine sets) without ``site-dp`` gets
+the strict default: DP required at delta 1e-5, ``rdp``, ``refuse``, its ``epsilon-budget``.
+With no ``epsilon-budget`` either it refuses every DP round (``policy-no-budget``) rather
+than spend under a budget nobody chose; accepting non-DP runs takes an explicit
+``site-dp = false``. Only a simulated site without ``site-dp`` (``stamen simulate`` without
+``--site-policy``) takes the run's values as its policy, and the run says so
+(``summary.json`` ``privacy.site_policy = "run-config"``). Either way the ledger pins what
+it recorded: its accountant, its policy and its delta.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import Context, Message
 
 from stamen.client.ledger import PrivacyRefusal
 from stamen.common.config import StamenConfig
 from stamen.common.errors import ConfigError
+from stamen.common.identity import simulated
 
 #: Node-config keys of a site policy (besides ``epsilon-budget`` and ``dp-public-stats``).
 POLICY_KEYS = (
@@ -43,6 +51,13 @@ POLICY_KEYS = (
     "site-min-noise",
     "site-max-sample-rate",
 )
+
+
+#: Where a site's policy comes from: its own ``site-*`` keys, a real node's strict default,
+#: or (simulated sites only) the run config.
+PolicySource = Literal["site", "default", "run"]
+#: The strict default's delta (also ``site-delta``'s default).
+DEFAULT_DELTA = 1e-5
 
 
 #: Every node-config key a site policy file (``stamen simulate --site-policy``) may set.
@@ -89,9 +104,9 @@ def _flag(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """The least privacy this site accepts; ``own`` when the site configured it (``site-dp`` set)."""
+    """The least privacy this site accepts, and where that policy comes from (``source``)."""
 
-    own: bool
+    source: PolicySource
     dp_required: bool
     budget: float
     delta: float
@@ -101,30 +116,27 @@ class SitePolicy:
     max_sample_rate: float
     public_stats: bool
 
+    @property
+    def own(self) -> bool:
+        """Whether the site fixed this policy itself (its keys, or a real node's strict default)."""
+        return self.source != "run"
+
     @classmethod
     def of(cls, node_config: Mapping[str, Any], cfg: StamenConfig) -> SitePolicy:
-        """The site's policy from its node config; without ``site-dp``, the run's values."""
+        """The site's policy from its node config: its ``site-*`` keys; without ``site-dp`` a real
+        node's strict default, a simulated site's run values (:meth:`of_run`)."""
         if "site-dp" not in node_config:
             unknown = sorted(k for k in POLICY_KEYS if k in node_config)
             if unknown:
                 raise ConfigError(f"node config sets {', '.join(unknown)} but not site-dp: set site-dp too")
-            return cls(
-                own=False,
-                dp_required=False,
-                budget=float(node_config.get("epsilon-budget", cfg.epsilon_budget)),
-                delta=float(cfg["delta"]),
-                accountant=str(cfg["accountant"]),
-                privacy_policy=str(cfg["privacy-policy"]),
-                min_noise=0.0,
-                max_sample_rate=1.0,
-                public_stats=_flag(node_config.get("dp-public-stats", cfg["dp-public-stats"])),
-            )
+            if simulated(node_config):
+                return cls.of_run(cfg, node_config)
         try:
             policy = cls(
-                own=True,
-                dp_required=_flag(node_config["site-dp"]),
+                source="site" if "site-dp" in node_config else "default",
+                dp_required=_flag(node_config.get("site-dp", True)),
                 budget=float(node_config.get("epsilon-budget", 0.0)),
-                delta=float(node_config.get("site-delta", 1e-5)),
+                delta=float(node_config.get("site-delta", DEFAULT_DELTA)),
                 accountant=str(node_config.get("site-accountant", "rdp")),
                 privacy_policy=str(node_config.get("site-privacy-policy", "refuse")),
                 min_noise=float(node_config.get("site-min-noise", 0.0)),
@@ -136,9 +148,39 @@ class SitePolicy:
         policy.validate()
         return policy
 
+    @classmethod
+    def of_run(cls, cfg: StamenConfig, node_config: Mapping[str, Any] | None = None) -> SitePolicy:
+        """The run's values as the policy: a simulated site's without ``--site-policy``."""
+        node_config = node_config or {}
+        return cls(
+            source="run",
+            dp_required=False,
+            budget=float(node_config.get("epsilon-budget", cfg.epsilon_budget)),
+            delta=float(cfg["delta"]),
+            accountant=str(cfg["accountant"]),
+            privacy_policy=str(cfg["privacy-policy"]),
+            min_noise=0.0,
+            max_sample_rate=1.0,
+            public_stats=_flag(node_config.get("dp-public-stats", cfg["dp-public-stats"])),
+        )
+
+    def describe(self) -> str:
+        """One line for a node's log: what this site accepts."""
+        if not self.dp_required:
+            dp = "DP not required (site-dp = false)" if self.source == "site" else "the run's values"
+        else:
+            budget = f"epsilon budget {self.budget:g}" if self.budget > 0 else "NO epsilon-budget: refuses DP rounds"
+            dp = f"DP required, {budget}"
+        origin = {"site": "its own site-* keys", "default": "the strict default (no site-dp set)", "run": "run config"}
+        return (
+            f"{dp}; delta <= {self.delta:g}, accountant {self.accountant}, privacy-policy {self.privacy_policy}, "
+            f"noise >= {self.min_noise:g}, sample rate <= {self.max_sample_rate:g}, public stats "
+            f"{str(self.public_stats).lower()} (from {origin[self.source]})"
+        )
+
     def validate(self) -> None:
         """ConfigError naming the first bad value of a site's own policy."""
-        if self.dp_required and not self.budget > 0:
+        if self.source == "site" and self.dp_required and not self.budget > 0:
             raise ConfigError("node config site-dp = true needs epsilon-budget > 0 (the site's own budget)")
         if not 0 < self.delta < 1:
             raise ConfigError(f"node config site-delta must be in (0, 1), got {self.delta}")
@@ -152,9 +194,15 @@ class SitePolicy:
             raise ConfigError("node config site-min-noise must be >= 0 and site-max-sample-rate in (0, 1]")
 
     def check_dp(self, cfg: StamenConfig) -> None:
-        """``policy-dp-off`` if the run turns DP off on a site that requires it."""
+        """``policy-dp-off`` if the run turns DP off on a site that requires it; ``policy-no-budget``
+        if the site requires DP but set no budget (a real node with no privacy configuration)."""
         if self.dp_required and not cfg["dp"]:
             raise PrivacyRefusal("policy-dp-off", "this site requires DP and the run config turns dp off")
+        if self.dp_required and not self.budget > 0:
+            raise PrivacyRefusal(
+                "policy-no-budget",
+                "this node set no epsilon-budget of its own (set --epsilon-budget, or site-dp = false for non-DP runs)",
+            )
 
     def check_run(self, cfg: StamenConfig, num_records: int) -> None:
         """The run's privacy settings against the policy, before any ledger is read."""

@@ -98,6 +98,22 @@ FIELDS: tuple[Field, ...] = (
         "charged releases of statistics in the site's whole ledger (each at dp-stats-noise)",
     ),
     Field(
+        "ghost-clipping",
+        ("train",),
+        False,
+        Treatment.CONFIG,
+        "1 when the round clipped by Opacus's ghost clipping, 0 by its hooks: from the config and the device",
+    ),
+    Field("update-id", ("train",), False, Treatment.LEDGER, "the site's own number of this update (client/receipts)"),
+    Field(
+        "updates-lost",
+        ("train",),
+        False,
+        Treatment.LEDGER,
+        "updates the site sent that the server's receipts show never arrived",
+    ),
+    Field("updates-lost-charged", ("train",), False, Treatment.LEDGER, "of those, updates its ledger was charged for"),
+    Field(
         "drift-label-psi",
         ("train",),
         False,

@@ -9,6 +9,7 @@ is a process the SuperLink starts and cannot take command-line flags. A test che
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, make_dataclass
@@ -147,6 +148,19 @@ KEYS: tuple[Key, ...] = (
     ),
     # --- data ---------------------------------------------------------------------
     Key("dataset", str, "mnist5k", "digits | mnist5k | npz:PATH | csv:PATH | hf:NAME"),
+    Key(
+        "site-data",
+        str,
+        "",
+        "simulation: a directory with one npz/csv file or sub-directory per site ('' = partitions of dataset)",
+    ),
+    Key(
+        "data-loader",
+        str,
+        "",
+        "simulation: package.module:fn, fn(partition_id, num_partitions) returns a site's arrays "
+        "('' = partitions of dataset)",
+    ),
     Key("partition", str, "dirichlet", "how simulation splits the data", *_choice("iid", "dirichlet", "shards")),
     Key("alpha", float, 0.5, "Dirichlet concentration (small = more label skew)", _pos, "> 0"),
     Key("shards-per-site", int, 2, "label shards per site with partition=shards", lambda v: v >= 1, ">= 1"),
@@ -173,11 +187,27 @@ KEYS: tuple[Key, ...] = (
         lambda v: v >= 0,
         ">= 0",
     ),
+    Key(
+        "replay-horizon",
+        int,
+        2000,
+        "records a site expects to offer its replay buffer: each is kept with probability replay-size / this",
+        lambda v: v >= 1,
+        ">= 1",
+    ),
     Key("server-eval", bool, True, "evaluate centrally on the dataset's test split when the server has it"),
     Key("input-shape", str, "", "model input shape, e.g. '1,28,28' ('' = from the server's dataset)"),
     Key("num-classes", int, 0, "model output classes (0 = from the server's dataset)", lambda v: v >= 0, ">= 0"),
     # --- model --------------------------------------------------------------------
     Key("model", str, "auto", "auto | logreg | mlp | cnn28 | cnn28-tanh | cnn8 | scatnet28 | package.module:Class"),
+    Key(
+        "feature-cache-mb",
+        int,
+        512,
+        "memory for a model's fixed features (e.g. scatnet28's scattering), computed once per record (0 = off)",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
     # --- local training (client) ------------------------------------------------------
     Key("optimizer", str, "sgd", "local optimizer", *_choice("sgd", "adamw")),
     Key("lr", float, 0.05, "peak local learning rate", _pos, "> 0"),
@@ -228,6 +258,14 @@ KEYS: tuple[Key, ...] = (
     Key("epsilon-budget", float, 0.0, "per-site epsilon budget (0 = target-epsilon)", _nonneg, ">= 0"),
     Key("accountant", str, "rdp", "privacy accountant", *_choice("rdp", "prv")),
     Key(
+        "dp-grad-sample-mode",
+        str,
+        "hooks",
+        "per-sample clipping: hooks = Opacus's per-sample gradients; ghost = Opacus's ghost clipping "
+        "(norms without per-sample gradients; fp32 only, else hooks)",
+        *_choice("hooks", "ghost"),
+    ),
+    Key(
         "privacy-policy",
         str,
         "refuse",
@@ -275,7 +313,8 @@ KEYS: tuple[Key, ...] = (
         "site-sampling",
         str,
         "fixed",
-        "fixed: a fixed number of sites per round; poisson: each site independently (amplifies server DP)",
+        "fixed: a fixed number of sites per round; poisson: each site independently "
+        "(server DP still accounts at rate 1: the sampled sites are published)",
         *_choice("fixed", "poisson"),
     ),
     # --- bounded trust in site reports and robust aggregation (server/trust.py) ---------
@@ -361,6 +400,14 @@ KEYS: tuple[Key, ...] = (
         ">= 0",
     ),
     Key("metrics-per-site", bool, True, "export per-site series (false = aggregates only)"),
+    Key(
+        "metrics-linger-seconds",
+        float,
+        5.0,
+        "seconds the endpoint keeps serving after the last round, so a scrape sees it (deploy/prometheus: 5 s)",
+        _nonneg,
+        ">= 0",
+    ),
     Key(
         "drift-reference-rounds",
         int,
@@ -517,7 +564,7 @@ class StamenConfig:
         """
         unknown = sorted(set(raw) - set(KEY_BY_NAME))
         if unknown and strict:
-            raise ConfigError(f"unknown run config key(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown run config key(s): {'; '.join(did_you_mean(k) for k in unknown)}")
         values: dict[str, Scalar] = {}
         for key in KEYS:
             value = _coerce(key, raw[key.name]) if key.name in raw else key.default
@@ -546,6 +593,13 @@ class StamenConfig:
             )
         if bool(v["metrics-certfile"]) != bool(v["metrics-keyfile"]):
             raise ConfigError("metrics-certfile and metrics-keyfile must be set together (TLS needs both)")
+        if v["site-data"] and v["data-loader"]:
+            raise ConfigError("site-data and data-loader both give every site its own data: set one of them")
+        if (v["site-data"] or v["data-loader"]) and v["scenario"]:
+            raise ConfigError(
+                "a scenario streams partitions of the run's dataset; site-data and data-loader give each site "
+                "its own data: use one or the other"
+            )
         if v["input-shape"]:
             self.input_shape  # noqa: B018 - parse now so a bad value fails at start
         if v["server-lr-spike"]:
@@ -612,6 +666,15 @@ class StamenConfig:
         return {k.name: self.values[k.name] for k in KEYS}
 
 
+def did_you_mean(key: str) -> str:
+    """``key`` quoted, with the known key(s) it is probably a typo of (``_`` for ``-`` first)."""
+    hyphenated = key.strip().lower().replace("_", "-")
+    if hyphenated != key and hyphenated in KEY_BY_NAME:
+        return f"{key!r} (run config keys use '-', not '_': did you mean {hyphenated!r}?)"
+    close = difflib.get_close_matches(hyphenated, KEY_BY_NAME, n=3, cutoff=0.6)
+    return f"{key!r} (did you mean {' or '.join(map(repr, close))}?)" if close else repr(key)
+
+
 def parse_assignment(text: str) -> tuple[str, str]:
     """Split one ``key=value`` from ``--set``; the value is coerced later by its key."""
     if "=" not in text:
@@ -619,7 +682,7 @@ def parse_assignment(text: str) -> tuple[str, str]:
     key, value = text.split("=", 1)
     key = key.strip()
     if key not in KEY_BY_NAME:
-        raise ConfigError(f"unknown run config key {key!r} in --set")
+        raise ConfigError(f"unknown run config key {did_you_mean(key)} in --set")
     return key, value.strip()
 
 

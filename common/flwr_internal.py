@@ -9,6 +9,8 @@ says why stamen needs it and which public alternative is missing.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.app import Message
 from flwr.common.constant import (
     SUPERLINK_NODE_ID,  # node id the SuperLink stamps on instructions (tests fake a ServerApp): not exported
@@ -79,6 +81,7 @@ __all__ = [
     "AcquireTaskRequest",
     "ErrorCode",
     "HeartbeatSender",
+    "HttpGrid",  # noqa: F822 (module __getattr__)
     "Node",
     "PullAppMessagesRequest",
     "PullTaskInputRequest",
@@ -93,6 +96,7 @@ __all__ = [
     "aggregate_arrayrecords",
     "clip_inputs_inplace",
     "context_from_proto",
+    "flower_superlink",  # noqa: F822 (module __getattr__)
     "get_norm",
     "make_confirm_message_received_fn_protobuf",
     "make_pull_object_fn_protobuf",
@@ -104,5 +108,25 @@ __all__ = [
     "run_from_proto",
     "select_multikrum",
     "set_message_id",
+    "sql_mixin",  # noqa: F822 (module __getattr__)
     "trim_mean",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``sql_mixin``, ``flower_superlink`` and ``HttpGrid``, imported on first use: SQLAlchemy's import
+    costs seconds on a busy host, and only ``python -m stamen.server.superlink`` needs them; only a
+    deployed ServerApp's handshake needs ``HttpGrid``."""
+    if name == "HttpGrid":
+        from flwr.superlink.grid.http_grid import HttpGrid  # which grid reaches real SuperNodes (sites.py): not public
+
+        return HttpGrid
+    if name == "sql_mixin":
+        from flwr.supercore import sql_mixin  # SQLite pragmas of Flower's state (superlink.py): no option for them
+
+        return sql_mixin
+    if name == "flower_superlink":
+        from flwr.superlink.cli import flower_superlink  # flower-superlink run in-process after that: no public API
+
+        return flower_superlink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

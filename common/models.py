@@ -8,8 +8,12 @@ num_classes)``.
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
 import math
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -17,7 +21,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 
-from stamen.common.errors import ConfigError
+from stamen.common.errors import ConfigError, StamenError
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 
@@ -143,11 +147,43 @@ class ScatNet28(nn.Module):
         features = 81 * channels
         self.norm = nn.GroupNorm(27 * channels, features)
         self.classifier = nn.Linear(features * (height // 4) * (width // 4), num_classes)
+        self.feature_key = f"kymatio-scattering2d/J=2/L=8/{channels}x{height}x{width}"
+
+    @torch.no_grad()  # a fixed transform of each input: nothing to train in it
+    def fixed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The scattering coefficients, (N, 81 * C, H / 4, W / 4): what :mod:`common.features` caches."""
+        if len(x) == 0:  # an empty Poisson batch under DP-SGD: MKL's FFT refuses a batch of none
+            channels, height, width = x.shape[1:]
+            return x.new_zeros(0, 81 * channels, height // 4, width // 4)
+        return self.scattering(x).flatten(1, 2)
+
+    def trainable_head(self) -> nn.Module:
+        """GroupNorm and the linear layer over :meth:`fixed_features`, sharing this model's parameters."""
+        return _NormLinearHead(self.norm, self.classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # a fixed transform of the input: nothing to train in it
-            features = self.scattering(x).flatten(1, 2)
-        return self.classifier(self.norm(features).flatten(1))
+        return _norm_linear(self.norm, self.classifier, self.fixed_features(x))
+
+
+class _NormLinearHead(nn.Module):
+    """ScatNet28's trainable part on its own, for training and evaluating on cached features.
+
+    Built on demand (never a registered child of the model), so the model's ``state_dict``
+    keys stay ``norm.*`` and ``classifier.*``.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.norm = norm
+        self.classifier = classifier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return _norm_linear(self.norm, self.classifier, features)
+
+
+def _norm_linear(norm: nn.Module, classifier: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """ScatNet28's head, one definition for the full forward and the cached-feature head."""
+    return classifier(norm(features).flatten(1))
 
 
 REGISTRY: dict[str, Builder] = {
@@ -171,16 +207,84 @@ def resolve_model_name(name: str, input_shape: tuple[int, ...]) -> str:
     return "mlp"
 
 
-def _user_builder(spec: str) -> Builder:
-    module_name, _, attr = spec.partition(":")
+#: The node-config key of a site's allow-list of ``package.module:Class`` models (comma-separated).
+SITE_MODELS = "site-models"
+
+
+class ModelNotAllowed(StamenError):
+    """The instruction names a model class this site's configuration does not allow: nothing is imported."""
+
+    code = "model-not-allowed"
+
+
+def check_site_model(name: str, allowed: object) -> None:
+    """Refuse a ``package.module:Class`` model unless listed in the site's ``site-models``.
+
+    Importing a module runs its code, so a site runs only code it chose: registry models
+    (installed with stamen) always, a user class only when the site's own config names it.
+    """
+    if ":" not in name:
+        return
+    if name not in {n.strip() for n in str(allowed or "").split(",")}:
+        raise ModelNotAllowed(
+            f"model {name!r} is not in this site's {SITE_MODELS} allow-list; a site imports only model classes "
+            f"its own node config names (--set {SITE_MODELS}={name})"
+        )
+
+
+def import_user(spec: str, what: str) -> Callable[..., object]:
+    """The callable ``package.module:name`` names, imported with the working directory on the path.
+
+    ``simulate``, ``lr-find`` and ``node`` all resolve a user's code here, so a module beside
+    the user imports the same way in each (a console script does not put the working
+    directory on ``sys.path`` by itself).
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} {spec!r} must look like package.module:name")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"model {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-    builder = getattr(module, attr, None)
-    if not callable(builder):
-        raise ConfigError(f"model {spec!r}: {module_name} has no callable {attr!r}")
-    return builder
+    except Exception as exc:  # a user's module may fail with anything while it runs
+        raise ConfigError(
+            f"{what} {spec!r}: cannot import module {module_name!r} from {cwd} or the Python path "
+            f"({type(exc).__name__}: {one_line(exc)})"
+        ) from exc
+    found = getattr(module, attr, None)
+    if not callable(found):
+        raise ConfigError(f"{what} {spec!r}: {module_name} has no callable {attr!r}")
+    return found
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's text on one line (the CLI's errors are one line each)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+#: How stamen calls a user model class, said in every error about one.
+MODEL_SIGNATURE = "Class(input_shape: tuple[int, ...], num_classes: int)"
+
+
+def _build_user(spec: str, builder: Callable[..., object], input_shape: tuple[int, ...], num_classes: int) -> object:
+    """``builder(input_shape, num_classes)``; a class of another signature fails saying which one is expected."""
+    try:
+        inspect.signature(builder).bind(input_shape, num_classes)
+    except TypeError as exc:
+        raise ConfigError(
+            f"model {spec!r} cannot be called with (input_shape, num_classes) ({one_line(exc)}); "
+            f"the expected signature is {MODEL_SIGNATURE}: give it that, or wrap it in a class that has it"
+        ) from None
+    except ValueError:  # no introspectable signature (a builtin): the call below tells
+        pass
+    try:
+        return builder(input_shape, num_classes)
+    except Exception as exc:  # a user's constructor may fail with anything
+        raise ConfigError(
+            f"model {spec!r} failed to build with input_shape={input_shape}, num_classes={num_classes} "
+            f"({type(exc).__name__}: {one_line(exc)}); the expected signature is {MODEL_SIGNATURE}"
+        ) from exc
 
 
 def build_model(
@@ -199,8 +303,9 @@ def build_model(
     a fixed model has the same parameters everywhere.
     """
     resolved = resolve_model_name(name, input_shape)
-    if ":" in resolved:
-        builder = _user_builder(resolved)
+    user = ":" in resolved
+    if user:
+        builder = import_user(resolved, "model")
     elif resolved in REGISTRY:
         builder = REGISTRY[resolved]
     else:
@@ -211,7 +316,8 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = builder(tuple(input_shape), num_classes)
+        shape = tuple(input_shape)
+        model = _build_user(resolved, builder, shape, num_classes) if user else builder(shape, num_classes)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {name!r} did not build a torch.nn.Module")
     return check_private_model(model, fix=fix) if dp else model
@@ -227,18 +333,52 @@ def check_private_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
         model = ModuleValidator.fix(model)
     was_training = model.training
     try:
-        _validate(model.train())
+        _validate(model.train(), fixed=fix)
     finally:
         model.train(was_training)
     return model
 
 
-def _validate(model: nn.Module) -> None:
-    """Opacus's checks of a model in training mode, as one ConfigError listing every problem."""
+def _validate(model: nn.Module, *, fixed: bool) -> None:
+    """Opacus's checks of a model in training mode, as one ConfigError listing every problem.
+
+    When Opacus's own fix (``dp-fix-model``) would make the model trainable, the error says so.
+    """
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        listed = "; ".join(str(e) for e in errors)
-        raise ConfigError(f"model {type(model).__name__} cannot be trained with DP-SGD (Opacus): {listed}")
+        listed = "; ".join(one_line(e).split(". ")[0] for e in errors)  # Opacus explains at length
+        hint = ""
+        if not fixed and not ModuleValidator.validate(ModuleValidator.fix(copy.deepcopy(model)), strict=False):
+            hint = "; Opacus can fix it: --set dp-fix-model=true (server and sites then train the fixed model)"
+        raise ConfigError(f"model {type(model).__name__} cannot be trained with DP-SGD (Opacus): {listed}{hint}")
+
+
+def preflight_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, x: torch.Tensor, y: torch.Tensor, *, dp: bool, fix: bool
+) -> None:
+    """Build the run's model as the server and sites will, and run one forward and backward on (x, y).
+
+    A model that cannot be imported, built, trained on this data or (with ``dp``) trained by
+    Opacus fails here in one line, before any engine starts.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(name, input_shape, num_classes, seed=0, dp=dp, fix=fix).train()
+        x = x.reshape(-1, *input_shape)
+        try:
+            logits = model(x)
+        except Exception as exc:  # a user's forward may fail with anything
+            raise ConfigError(
+                f"model {name!r} failed on a batch of shape {tuple(x.shape)} ({type(exc).__name__}: {one_line(exc)})"
+            ) from exc
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(x), num_classes):
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ConfigError(
+                f"model {name!r} must return logits of shape (batch, num_classes) = {(len(x), num_classes)}, got {got}"
+            )
+        try:
+            F.cross_entropy(logits.float(), y).backward()
+        except Exception as exc:  # an in-place op or a detached output shows here
+            raise ConfigError(f"model {name!r}: backward pass failed ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 @torch.no_grad()

@@ -15,17 +15,15 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    ShardPartitioner,
-)
 
+from stamen.common.datacache import cached_arrays
 from stamen.common.errors import DataError
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 SCHEMES = ("iid", "dirichlet", "shards")
 
@@ -100,11 +98,33 @@ def _partition_cached(
     min_partition_size: int,
     seed: int,
 ) -> tuple[np.ndarray, ...]:
-    """Validate the request, run the flwr-datasets partitioner, freeze the result."""
+    """Validate the request, run the flwr-datasets partitioner (or read its result from the
+    simulation's data cache, :mod:`common.datacache`), freeze the result."""
     y = labels.array
-    n = len(y)
-    _check_request(n, num_partitions, scheme, alpha, shards_per_partition, min_partition_size, seed)
-    partitioner = _make_partitioner(num_partitions, scheme, alpha, shards_per_partition, min_partition_size, seed)
+    request = _Request(num_partitions, scheme, alpha, shards_per_partition, min_partition_size, seed)
+    _check_request(len(y), *request)
+    key = hashlib.blake2b(repr((labels.digest, *request)).encode(), digest_size=16).hexdigest()
+    parts = cached_arrays(f"partition-{key}", lambda: _partition(y, request))
+    return tuple(_freeze(parts[f"site{i}"]) for i in range(num_partitions))
+
+
+class _Request(NamedTuple):
+    """Everything besides the labels that decides a partitioning."""
+
+    num_partitions: int
+    scheme: str
+    alpha: float
+    shards_per_partition: int
+    min_partition_size: int
+    seed: int
+
+
+def _partition(y: np.ndarray, request: _Request) -> dict[str, np.ndarray]:
+    """Each site's sorted indices, from the flwr-datasets partitioner (``site0`` ... ``site<K-1>``)."""
+    import datasets  # here: with the data cache a simulated site imports neither library
+
+    n, (num_partitions, _, alpha, _, min_partition_size, seed) = len(y), request
+    partitioner = _make_partitioner(*request)
     # Shuffle rows first: IidPartitioner takes contiguous blocks, so label-sorted
     # input would otherwise give skewed "iid" sites and ignore the seed; for
     # shards the row order decides which samples of a label share a shard.
@@ -122,7 +142,7 @@ def _partition_cached(
                 "attempts; use a larger alpha, fewer clients or a smaller "
                 "min_partition_size"
             ) from exc
-    return tuple(_freeze(np.sort(p)) for p in parts)
+    return {f"site{i}": np.sort(p) for i, p in enumerate(parts)}
 
 
 def _check_request(
@@ -174,6 +194,8 @@ def _make_partitioner(
     seed: int,
 ) -> Partitioner:
     """Build the flwr-datasets partitioner for a validated request."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
+
     if scheme == "iid":
         return IidPartitioner(num_partitions)
     if scheme == "dirichlet":

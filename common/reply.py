@@ -4,6 +4,8 @@ A reply's ``RecordDict`` holds three records:
 
 - ``meta`` (ConfigRecord): ``schema`` (this module's version), ``status`` (a
   :class:`Status`), ``site-id`` and, for refusals, idle sites and errors, a ``reason``;
+  refusals and idle sites also a ``code`` (:data:`REFUSAL_CODES`, :data:`NO_DATA_CODES`),
+  which is all their ``reason`` says: no free text that could depend on records leaves a site;
 - ``arrays`` (ArrayRecord, train replies with status ``ok`` only): the model, keyed by
   canonical parameter names (never Opacus's ``_module.`` prefix);
 - ``metrics`` (MetricRecord): the required keys of the message kind, and optional keys;
@@ -57,7 +59,8 @@ METRICS_BY_KIND = {"train": TRAIN_METRICS, "evaluate": EVAL_METRICS, "query": QU
 
 #: Why a site refuses a round: a release of statistics, the DP-SGD round itself, or
 #: (``per-shard``) every shard it holds would pass the budget; the ``policy-*`` codes: the
-#: instruction asks for less privacy than the site's policy or its ledger allows.
+#: instruction asks for less privacy than the site's policy or its ledger allows;
+#: ``ledger-tampered``: its ledger is missing, edited or older than its other records.
 RefusalCode = Literal[
     "statistics-release",
     "training-round",
@@ -69,11 +72,25 @@ RefusalCode = Literal[
     "policy-sample-rate",
     "policy-accountant",
     "policy-switch",
+    "model-not-allowed",  # a package.module:Class model the site's site-models does not list
+    "ledger-tampered",
+    "identity",  # server side: a node answered for a site-id bound to another key (server/sites.py)
+    "policy-no-budget",
 ]
 
 #: The ``meta`` ``code`` values the server keeps (a bounded set, so it can label a metric);
+#: ``spend-decreased`` is the server's own (a site reported less epsilon than before);
 #: ``unknown`` stands for any other value.
-REFUSAL_CODES = (*get_args(RefusalCode), "unknown")
+REFUSAL_CODES = (*get_args(RefusalCode), "spend-decreased", "unknown")
+
+#: Why a site has nothing to do (``no_data``): the whole of what such a reply says.
+NoDataCode = Literal["no-training-data", "no-holdout-data"]
+NO_DATA_CODES = (*get_args(NoDataCode), "unknown")
+
+#: The ``reason`` of an error reply from a DP site once it has read its records: the
+#: exception's type only (a bounded set); its text may name counts or shards and stays in
+#: the site's own log.
+DP_ERROR_REASON = "{kind} on a DP site (the details are in the site's own log)"
 
 REJECT_REASONS = (
     "message_error",  # Flower delivered an error instead of content (crash, timeout)
@@ -98,7 +115,7 @@ class SiteReply:
     metrics: dict[str, float] = field(default_factory=dict)
     content: RecordDict | None = None
     reason: str = ""
-    code: str = ""  # a refusal's code (one of REFUSAL_CODES)
+    code: str = ""  # a refusal's code (one of REFUSAL_CODES) or an idle site's (NO_DATA_CODES)
 
 
 class RejectedReply(Exception):
@@ -122,11 +139,14 @@ def make_reply(
     metrics: Mapping[str, float] | None = None,
     reason: str = "",
     code: str = "",
+    proof: Mapping[str, str] | None = None,
 ) -> Message:
-    """Build a schema-conforming reply to ``instruction`` (``code``: a refusal's, from :data:`REFUSAL_CODES`)."""
+    """Build a schema-conforming reply to ``instruction`` (``code``: a refusal's, from :data:`REFUSAL_CODES`;
+    ``proof``: the handshake's identity proof, common/identity.prove_identity)."""
     meta = {"schema": REPLY_SCHEMA_VERSION, "status": status.value, "site-id": site_id, "reason": reason}
     if code:
         meta["code"] = code
+    meta.update(proof or {})
     content = RecordDict({"meta": ConfigRecord(meta)})
     if arrays is not None:
         content["arrays"] = arrays
@@ -221,7 +241,8 @@ def screen_reply(
         raise RejectedReply("client_error", reason or "site reported an error", site_id)
     if status in (Status.REFUSED_BUDGET, Status.NO_DATA):
         code = str(msg.content.config_records["meta"].get("code", "unknown"))
-        return SiteReply(site_id, status, reason=reason, code=code if code in REFUSAL_CODES else "unknown")
+        known = REFUSAL_CODES if status is Status.REFUSED_BUDGET else NO_DATA_CODES
+        return SiteReply(site_id, status, reason=reason, code=code if code in known else "unknown")
     metrics = _metrics(msg, kind, site_id)
     if kind == "train":
         if reference is None:

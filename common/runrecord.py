@@ -26,7 +26,9 @@ def derive_seeds(seed: int) -> dict[str, int]:
     """Named seeds for each random process, all from the master seed.
 
     Client shuffling uses ``client`` mixed with the site-id and round (see
-    ``client.train.round_seed``), so it is recorded as its base.
+    ``client.train.round_seed``), so it is recorded as its base. No DP noise seed is listed:
+    DP noise is secret (``seed + 4`` stays free: older records list it as ``server_noise``, the
+    seed of a ``dp-noise = seeded`` run's server noise, :func:`stamen.server.dp_fedavg.seeded_noise_seed`).
     """
     return {
         "master": seed,
@@ -34,7 +36,6 @@ def derive_seeds(seed: int) -> dict[str, int]:
         "sampling": seed + 1,
         "partition": seed + 2,
         "client": seed + 3,
-        "server_noise": seed + 4,
         "drift": seed + 5,
     }
 
@@ -86,5 +87,5 @@ def build_run_record(config: StamenConfig, *, extra: dict[str, Any] | None = Non
 def write_run_record(out_dir: Path, record: dict[str, Any]) -> Path:
     """Write ``config.json`` atomically and return its path."""
     path = Path(out_dir) / "config.json"
-    atomic_write_json(path, record)
+    atomic_write_json(path, record, mode=0o644)
     return path

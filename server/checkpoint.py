@@ -33,7 +33,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from stamen.common.errors import StateError
-from stamen.common.state import atomic_write_bytes, atomic_write_json
+from stamen.common.state import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger("stamen.server")
 
@@ -113,6 +113,8 @@ class CheckpointStore:
                 "arrays_sha256": hashlib.sha256(blob).hexdigest(),
                 "state": checkpoint.state,
             },
+            mode=0o644,
+            strict=False,  # run state round-trips exactly (a best accuracy of -inf before any evaluation)
         )
         self._rotate(keep)
         return record_path
@@ -159,8 +161,11 @@ class CheckpointStore:
     def load_latest(self) -> Checkpoint:
         """The newest checkpoint that reads back intact, falling back over corrupt ones.
 
-        Raises StateError when the directory holds no usable checkpoint.
+        Raises StateError when the directory holds no usable checkpoint. Temp files that
+        killed writes left (rotation matches only ``ckpt-*``) are removed first.
         """
+        remove_stale_temps(self.dir)
+        remove_stale_temps(self.run_dir)
         rounds = self.rounds()
         if not rounds:
             raise StateError(f"no checkpoint in {self.dir}: is {self.run_dir} a stamen run directory?")

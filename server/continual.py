@@ -31,6 +31,7 @@ from stamen.server.outputs import RunOutputs
 from stamen.server.rollback import DivergenceRule
 from stamen.server.run_state import Arrays, Attributes, RunState, join_arrays, split_arrays
 from stamen.server.sites import SiteDirectory
+from stamen.server.spend import SpendFloor
 from stamen.server.versions import ModelInfo, VersionRegistry
 
 log = logging.getLogger("stamen.server")
@@ -111,6 +112,7 @@ class ContinualRun:
     privacy: dict[str, dict[str, Any]]
     server_dp: DPFedAvg | None
     observer: RoundObserver
+    spend: SpendFloor
 
     def _init_continual(self) -> None:
         """Versions, rollback rule and checkpoints; the saved state when resuming."""
@@ -211,6 +213,8 @@ class ContinualRun:
         state.register("exporter", self.observer.exporter)
         state.register("observer", Attributes(self.observer, epsilon=dict, rollbacks_seen=int))
         state.register("handshake", Attributes(self.directory, rejected=Counter))
+        state.register("spend", self.spend, added_later=True)
+        state.register("site_keys", self.directory.keys, added_later=True)
         state.register(
             "run",
             Attributes(

@@ -8,19 +8,18 @@ optimizer then steps towards: the noise goes in **before** momentum, so the mome
 buffer holds exactly what the broadcast model was built from. (Flower's server-side DP
 wrapper noises the inner strategy's output, i.e. after FedAvgM's momentum step.)
 
-Accounting, by how sites were sampled:
-
-- ``site-sampling = "poisson"``: every site is in a round independently with
-  probability ``fraction-train``, so Opacus's accountant for the subsampled Gaussian
-  mechanism applies at that rate (the sum is divided by ``fraction-train * sites``);
-- ``site-sampling = "fixed"``: a fixed number of sites is drawn. Amplification by that
-  kind of sampling needs another analysis, so stamen claims none: epsilon is computed
-  at sample rate 1, a valid upper bound.
+Accounting: epsilon is Opacus's accountant at sample rate 1, with no amplification by
+site sampling, whatever ``site-sampling`` is. Amplification by sampling holds only while
+*who was sampled* stays secret, and stamen publishes it: history.csv's ``sampled_sites``
+column, the versions index and the Prometheus round counters name or count each round's
+sampled sites. Under ``site-sampling = "poisson"`` the sum is still divided by the
+data-independent ``fraction-train * sites``; rate 1 is a valid upper bound either way.
 
 The noise is the server's own secret: fresh ``os.urandom`` entropy every round (nothing
 to keep for a resume), never the run seed, which the sites know too. Only under
 ``dp-noise = seeded`` (research simulations) is it seeded per round from the run seed, so a
-run and a resumed run are reproducible.
+run and a resumed run are reproducible, from :func:`seeded_noise_seed` (not one of the run
+record's seeds: a secret-noise run uses none).
 """
 
 from __future__ import annotations
@@ -36,6 +35,11 @@ from stamen.common.flwr_internal import clip_inputs_inplace, get_norm
 Arrays = dict[str, np.ndarray]
 
 
+def seeded_noise_seed(seed: int) -> int:
+    """The noise seed of a ``dp-noise = seeded`` run (``seed + 4``, as before it left the run record)."""
+    return seed + 4
+
+
 class DPFedAvg:
     """Clip, sum, noise and average site models; keep the server's own privacy history.
 
@@ -45,25 +49,20 @@ class DPFedAvg:
         L2 bound of one site's update.
     noise_multiplier : float
         Noise std as a multiple of ``clip``.
-    sample_rate : float
-        Probability a site is in a round (1.0 for fixed-size sampling: no amplification).
     seed : int or None
         Seeds the noise of every round (``dp-noise = seeded``); None: fresh OS entropy each round.
     accountant : str (default: "rdp")
         Opacus accountant that turns the history into epsilon.
     """
 
-    def __init__(
-        self, clip: float, noise_multiplier: float, sample_rate: float, seed: int | None, accountant: str = "rdp"
-    ) -> None:
-        if not (clip > 0 and noise_multiplier > 0 and 0 < sample_rate <= 1):
-            raise ConfigError(
-                f"server DP needs clip > 0, noise > 0 and a sample rate in (0, 1], got "
-                f"{clip}, {noise_multiplier}, {sample_rate}"
-            )
+    #: The rate the accountant uses: 1, no amplification (the sampled sites are published).
+    sample_rate = 1.0
+
+    def __init__(self, clip: float, noise_multiplier: float, seed: int | None, accountant: str = "rdp") -> None:
+        if not (clip > 0 and noise_multiplier > 0):
+            raise ConfigError(f"server DP needs clip > 0 and noise > 0, got {clip}, {noise_multiplier}")
         self.clip = clip
         self.noise_multiplier = noise_multiplier
-        self.sample_rate = sample_rate
         self.seed = seed
         self.accountant = accountant
         self.rounds = 0

@@ -46,6 +46,8 @@ SITE_GAUGES: dict[str, tuple[str, Callable[[Iterable[float]], float]]] = {
     "stamen_site_concept_drift_detected": ("1 if the change detector on a site's training loss fired", max),
     "stamen_site_epsilon": ("cumulative epsilon a site reported (at the run's delta)", max),
     "stamen_site_epsilon_budget_remaining": ("epsilon-budget minus a site's cumulative epsilon", min),
+    "stamen_site_updates_lost": ("updates a site sent that never reached the server (its own count)", max),
+    "stamen_site_updates_lost_charged": ("of those, updates the site's privacy ledger was charged for", max),
 }
 #: Aggregate gauges set from a round's figures: name -> help.
 GAUGES: dict[str, str] = {
@@ -154,6 +156,8 @@ class Exporter:
         if self.dp:
             self.set_gauge("stamen_epsilon_budget", cfg.epsilon_budget)
         self._server = None
+        self.linger = float(cfg["metrics-linger-seconds"])
+        self._last_stamp: float | None = None
         port = int(cfg["metrics-port"])
         if port:
             self._server = _serve(port, str(cfg["metrics-host"]), cfg, self.registry)
@@ -221,7 +225,14 @@ class Exporter:
                 child.inc()
 
     def close(self) -> None:
-        """Stop serving (the registry stays readable)."""
+        """Stop serving (the registry stays readable), ``metrics-linger-seconds`` after the last round.
+
+        Prometheus pulls: an endpoint that stopped right after a short run's last round would
+        never be scraped with it. Blocking here rather than in a timer thread, because Flower
+        force-exits a finished ServerApp process a few seconds after it returns.
+        """
+        if self._server is not None and self._last_stamp is not None:
+            time.sleep(max(0.0, self._last_stamp + self.linger - time.monotonic()))
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -232,6 +243,7 @@ class Exporter:
         self.rounds_completed.inc()
         self.round_seconds.observe(seconds)
         self.last_round.set(time.time())
+        self._last_stamp = time.monotonic()
 
 
 def metrics_url(cfg: StamenConfig) -> str:

@@ -10,16 +10,19 @@ heartbeat (about a minute) believes about its node. Every instruction also gets 
 deadline as its time-to-live, so one that a dead node never pulled expires on the
 SuperLink instead of being delivered, stale, when the node comes back.
 
-:func:`wait_for_nodes` bounds the wait for ``min-available-sites`` connected nodes: the
-round then goes on with whoever is there (the loop decides whether that is enough).
+:class:`Receipts` tells each site which of its updates arrived (a reply lost on the way
+leaves a record the site reconciles). :func:`wait_for_nodes` bounds the wait for
+``min-available-sites`` connected nodes: the round then goes on with whoever is there
+(the loop decides whether that is enough).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -72,3 +75,39 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
                 )
             return nodes
         time.sleep(min(NODE_POLL_SECONDS, left))
+
+
+@dataclass
+class Receipts:
+    """Which sites' train updates arrived, told to each site with its next instruction.
+
+    A site numbers every update it sends (``update-id``, :mod:`stamen.client.receipts`) and,
+    from ``receipts-from-round`` and ``received-updates`` in an instruction, settles which of
+    its charged updates were lost. This process vouches only for rounds it ran itself (from
+    the first round it sent, so a resumed run claims nothing about rounds before it) and for
+    the last ``window`` rounds.
+    """
+
+    window: int = 32
+    from_round: int | None = None
+    got: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def stamp(self, config: MutableMapping[str, Any], site: str, server_round: int) -> None:
+        """Add ``site``'s receipts to the config of its round-``server_round`` train instruction."""
+        if self.from_round is None:
+            self.from_round = server_round
+        low = max(self.from_round, server_round - self.window)
+        config["receipts-from-round"] = low
+        ids = [uid for rnd, uid in self.got.get(site, []) if rnd >= low]
+        if ids:
+            config["received-updates"] = ids
+
+    def record(self, server_round: int, replies: Iterable[Message], sites: Mapping[int, str]) -> None:
+        """Note the ``update-id`` of every train reply that arrived (screened out or not: it reached us)."""
+        for reply in replies:
+            site = sites.get(reply.metadata.src_node_id)
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            if site is None or metrics is None or "update-id" not in metrics:
+                continue
+            kept = [(r, u) for r, u in self.got.get(site, []) if r > server_round - self.window]
+            self.got[site] = [*kept, (server_round, int(metrics["update-id"]))]

@@ -40,14 +40,15 @@ from stamen.common.reply import REJECT_REASONS, RejectedReply, SiteReply, Status
 from stamen.common.runrecord import build_run_record, derive_seeds, write_run_record
 from stamen.common.scenario import scenario_of
 from stamen.server.continual import Best, ContinualRun
-from stamen.server.dp_fedavg import DPFedAvg
-from stamen.server.evaluate import evaluate_centrally, load_server_data
-from stamen.server.grid_rounds import exchange, wait_for_nodes
+from stamen.server.dp_fedavg import DPFedAvg, seeded_noise_seed
+from stamen.server.evaluate import evaluate_centrally, load_server_data, why_no_accuracy
+from stamen.server.grid_rounds import Receipts, exchange, wait_for_nodes
 from stamen.server.observe import RoundObserver
 from stamen.server.optimizers.base import ServerOptimizer
 from stamen.server.optimizers.factory import server_optimizer_of
 from stamen.server.outputs import RunOutputs
-from stamen.server.sites import SiteDirectory
+from stamen.server.sites import REBIND_DIR, SiteDirectory
+from stamen.server.spend import SpendFloor
 from stamen.server.stop import stop_reason, stop_requested
 from stamen.server.tasks import TaskTracker
 from stamen.server.trust import TrustPolicy
@@ -178,6 +179,7 @@ class Federation(ContinualRun):
         "start_round": "the checkpoint's round + 1",
         "elapsed_before": "the saved elapsed time",
         "state": "the run-state registry itself",
+        "receipts": "vouches only for rounds this process ran (sites settle nothing older)",
     }
 
     def __init__(
@@ -207,8 +209,7 @@ class Federation(ContinualRun):
             DPFedAvg(
                 float(cfg["server-dp-clip"]),
                 float(cfg["server-dp-noise"]),
-                float(cfg["fraction-train"]) if self.poisson else 1.0,
-                self.seeds["server_noise"] if cfg["dp-noise"] == "seeded" else None,
+                seeded_noise_seed(int(cfg["seed"])) if cfg["dp-noise"] == "seeded" else None,
                 str(cfg["accountant"]),
             )
             if float(cfg["server-dp-clip"]) > 0
@@ -220,14 +221,17 @@ class Federation(ContinualRun):
             lambda: self._content(0, with_model=False),
             timeout=float(cfg["round-timeout"]),
             poll=float(cfg["reply-poll-interval"]),
+            rebind_dir=Path(out_dir) / REBIND_DIR,
         )
         self.best = Best()
+        self.receipts = Receipts()
         self.scenario = scenario_of(cfg)
         if self.scenario is not None:
             self.scenario.check_against(self.data.num_classes, self.data.input_shape)
         self.tasks = TaskTracker(self.scenario, self.data) if self.scenario and self.scenario.tasks else None
         self.totals: Counter[str] = Counter()
         self.privacy: dict[str, dict[str, float]] = {}
+        self.spend = SpendFloor()
         self.observer = RoundObserver(cfg)
         self._init_continual()
         if self.tasks is not None:
@@ -251,17 +255,19 @@ class Federation(ContinualRun):
     def _send(self, sites: list[str], nodes: dict[str, int], kind: str, server_round: int) -> list[Message]:
         message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
         deadline = float(self.cfg["round-timeout"])
-        messages = [
-            Message(
-                self._content(server_round),
-                dst_node_id=nodes[s],
-                message_type=message_type,
-                group_id=str(server_round),
-                ttl=deadline,
+        messages = []
+        for s in sites:
+            content = self._content(server_round)
+            if kind == "train":
+                self.receipts.stamp(content.config_records["config"], s, server_round)
+            messages.append(
+                Message(
+                    content, dst_node_id=nodes[s], message_type=message_type, group_id=str(server_round), ttl=deadline
+                )
             )
-            for s in sites
-        ]
         replies = exchange(self.grid, messages, timeout=deadline, poll=float(self.cfg["reply-poll-interval"])).replies
+        if kind == "train":
+            self.receipts.record(server_round, replies, {nodes[s]: s for s in sites})
         self.observer.traffic(messages, replies)
         return replies
 
@@ -293,6 +299,7 @@ class Federation(ContinualRun):
         screened = screen_round(
             self._send(sites, nodes, "train", server_round), {nodes[s]: s for s in sites}, "train", self.arrays
         )
+        self.spend.screen(screened)  # a site's epsilon never decreases (server/spend.py)
         screened.good = self.trust.screen(self.arrays, screened.good, screened.rejected)
         row: dict[str, Any] = {
             "sampled_sites": " ".join(sites),
@@ -320,6 +327,8 @@ class Federation(ContinualRun):
                     "rounds": int(m["ledger-rounds"]),
                     "releases": int(m["ledger-releases"]),
                     "release_noise_multiplier": float(self.cfg["dp-stats-noise"]),
+                    # what the site ran: the configured mode, or hooks where ghost cannot clip (bf16)
+                    "grad_sample_mode": {0.0: "hooks", 1.0: "ghost"}.get(m.get("ghost-clipping"), "unreported"),
                     # [noise multiplier, sample rate, steps] of every round this run saw the site train
                     "history": [*seen, [m["noise-multiplier"], m["sample-rate"], int(m["steps"])]],
                 }
@@ -361,6 +370,7 @@ class Federation(ContinualRun):
             t0 = time.monotonic()
             wait_for_nodes(self.grid, int(self.cfg["min-available-sites"]), float(self.cfg["wait-for-sites"]))
             nodes = self.directory.refresh()
+            self.observer.count_refusals(self.directory.take_refused())
             self.observer.start_round(server_round, len(nodes))
             if len(nodes) >= int(self.cfg["min-train-sites"]):
                 row = {"round": server_round, **self._train_round(server_round, nodes)}
@@ -459,6 +469,9 @@ class Federation(ContinualRun):
             "model": self.model_name,
             "drift": self.observer.finish(),
         }
+        if not math.isfinite(summary["final"]["accuracy"]):
+            summary["final"].update(source="none", reason=why_no_accuracy(self.cfg, self.data))
+            log.warning("%s", summary["final"]["reason"])
         if self.scenario is not None:
             summary["scenario"] = self.scenario.name
         if self.tasks is not None:
@@ -474,6 +487,7 @@ class Federation(ContinualRun):
                 "refused": self.totals["refused"],
                 "per_client": dict(sorted(self.privacy.items())),
                 "noise": str(self.cfg["dp-noise"]),
+                "grad_sample_mode": str(self.cfg["dp-grad-sample-mode"]),  # asked; per_client says what ran
             }
         if self.server_dp is not None:
             summary["server_privacy"] = {

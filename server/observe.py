@@ -86,6 +86,9 @@ class RoundObserver:
         if fired:
             row["concept_drift_sites"] = sum(fired.values())
         self._privacy({r.site_id: r.metrics["epsilon"] for r in good if "epsilon" in r.metrics})
+        for key in ("updates-lost", "updates-lost-charged"):  # the sites' receipts (client/receipts.py)
+            gauge = "stamen_site_" + key.replace("-", "_")
+            self.exporter.set_sites(gauge, {r.site_id: r.metrics[key] for r in good if key in r.metrics})
         return row
 
     def _privacy(self, reported: dict[str, float]) -> None:

@@ -1,8 +1,9 @@
 """The run directory: history, summary and model files, all written atomically.
 
 ``summary.json`` is a public contract (other tools and later features read it): keys are
-only ever added. ``progress.jsonl`` gets one line per round so a watcher (the CLI's
-progress bar) can follow a run in another process.
+only ever added, and it is strict JSON (an unknown figure is ``null``, never ``NaN``).
+``progress.jsonl`` gets one line per round so a watcher (the CLI's progress bar) can
+follow a run in another process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import csv
 import fcntl
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import save as st_save
 
 from stamen.common.errors import StateError
-from stamen.common.state import atomic_write_bytes, atomic_write_json
+from stamen.common.state import atomic_write_bytes, atomic_write_json, strict_json_dumps
 
 SUMMARY_SCHEMA_VERSION = 1
 
@@ -39,7 +39,7 @@ class RunOutputs:
         self.history.append(row)
         self._write_table()
         with open(self.dir / "progress.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(strict_json_dumps(row) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         """The history rows so far (a resumed run rewrites its files from them), and the
@@ -54,7 +54,7 @@ class RunOutputs:
         """Continue a resumed run: its history up to the checkpoint, rounds after it dropped."""
         self.history = [dict(row) for row in history]
         self._write_table()
-        lines = "".join(json.dumps(row) + "\n" for row in self.history)
+        lines = "".join(strict_json_dumps(row) + "\n" for row in self.history)
         atomic_write_bytes(self.dir / "progress.jsonl", lines.encode(), mode=0o644)
 
     def _columns(self) -> list[str]:
@@ -82,7 +82,7 @@ class RunOutputs:
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """``summary.json`` with the schema version and the full history."""
         path = self.dir / "summary.json"
-        atomic_write_json(path, {"schema": SUMMARY_SCHEMA_VERSION, **summary, "history": self.history})
+        atomic_write_json(path, {"schema": SUMMARY_SCHEMA_VERSION, **summary, "history": self.history}, mode=0o644)
         return path
 
 

@@ -67,7 +67,7 @@ def _set_released(run_dir: Path, version: int, action: str) -> dict[str, Any]:
         }
     )
     doc["released"] = version
-    atomic_write_json(Path(run_dir) / VERSIONS_DIR / RELEASES, doc)
+    atomic_write_json(Path(run_dir) / VERSIONS_DIR / RELEASES, doc, mode=0o644)
     if not (Path(run_dir) / VERSIONS_DIR / _entry(read_index(run_dir), version)["file"]).exists():
         raise StateError(f"version {version} was recorded as released, but the server pruned its file meanwhile")
     return {"version": version, "previous": previous, "action": action}
@@ -177,7 +177,7 @@ def export_version(run_dir: Path, version: int | None, out: Path) -> tuple[Path,
     card = _card(run_dir, index, entry, version == released, hashlib.sha256(blob).hexdigest())
     stem = out.name.removesuffix(".safetensors")
     card_json, card_md = out.with_name(f"{stem}.card.json"), out.with_name(f"{stem}.card.md")
-    atomic_write_json(card_json, card)
+    atomic_write_json(card_json, card, mode=0o644)
     atomic_write_bytes(card_md, _markdown(card).encode(), mode=0o644)
     return out, card_json, card_md
 

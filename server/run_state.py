@@ -13,6 +13,7 @@ rest of its state goes to JSON under ``parts.<part>``.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +21,8 @@ import numpy as np
 
 from stamen.common.errors import StateError
 from stamen.common.stateful import Stateful
+
+log = logging.getLogger("stamen.server")
 
 Arrays = dict[str, np.ndarray]
 _GROUP = ":"
@@ -58,9 +61,14 @@ class RunState:
 
     def __init__(self) -> None:
         self._parts: dict[str, Stateful] = {}
+        self._added_later: set[str] = set()
 
-    def register(self, name: str, part: Stateful) -> None:
-        """Add ``part`` under ``name`` (unique, and no ``:`` or ``|``: they separate array keys)."""
+    def register(self, name: str, part: Stateful, *, added_later: bool = False) -> None:
+        """Add ``part`` under ``name`` (unique, and no ``:`` or ``|``: they separate array keys).
+
+        ``added_later``: a part that checkpoints of an older stamen lack; such a checkpoint
+        still resumes, the part starting as it is (empty), with a warning.
+        """
         if not isinstance(part, Stateful):
             raise TypeError(f"run-state part {name!r} ({type(part).__name__}) has no state_dict/load_state_dict")
         if not name or _GROUP in name or "|" in name:
@@ -68,6 +76,8 @@ class RunState:
         if name in self._parts:
             raise ValueError(f"run-state part {name!r} is registered twice")
         self._parts[name] = part
+        if added_later:
+            self._added_later.add(name)
 
     def __iter__(self) -> Iterator[tuple[str, Stateful]]:
         return iter(self._parts.items())
@@ -86,7 +96,7 @@ class RunState:
 
     def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
         """Restore every part; StateError, before any part changes, if the parts do not match."""
-        missing = [n for n in self._parts if n not in state]
+        missing = [n for n in self._parts if n not in state and n not in self._added_later]
         unknown = sorted(set(state) - set(self._parts))
         if missing or unknown:
             problems = [f"lacks {', '.join(missing)}"] if missing else []
@@ -96,6 +106,9 @@ class RunState:
                 "or a run with other settings"
             )
         for name, part in self:
+            if name not in state:
+                log.warning("the checkpoint has no %r run-state part (an older stamen wrote it): it starts empty", name)
+                continue
             part.load_state_dict(state[name])
 
 

@@ -42,8 +42,7 @@ from stamen.common.config import StamenConfig
 from stamen.common.convert import arrays_to_record, record_to_arrays
 from stamen.common.errors import StamenError
 from stamen.common.reply import RejectedReply, SiteReply, Status, check_update_arrays
-from stamen.common.runrecord import derive_seeds
-from stamen.server.dp_fedavg import DPFedAvg
+from stamen.server.dp_fedavg import DPFedAvg, seeded_noise_seed
 from stamen.server.loop import server_update
 from stamen.server.optimizers import Arrays, server_optimizer_of
 from stamen.server.trust import TrustPolicy
@@ -75,8 +74,7 @@ class StamenStrategy(FedAvg):
             DPFedAvg(
                 float(cfg["server-dp-clip"]),
                 float(cfg["server-dp-noise"]),
-                1.0,  # Flower's FedAvg samples a fixed number of nodes: no amplification claimed
-                derive_seeds(int(cfg["seed"]))["server_noise"] if cfg["dp-noise"] == "seeded" else None,
+                seeded_noise_seed(int(cfg["seed"])) if cfg["dp-noise"] == "seeded" else None,
                 str(cfg["accountant"]),
             )
             if float(cfg["server-dp-clip"]) > 0

@@ -12,31 +12,48 @@ the best version (by evaluation accuracy, as the run's ``best``) and every versi
 pruned, their index entries stay. The server is the only writer of ``index.json``; the
 operator's release pointer lives in ``releases.json`` (:mod:`server.release`), written
 only by the ``stamen versions`` commands, so the two never overwrite each other.
+
+Every checkpoint holds the entries as they were at its round, so a resumed run whose
+``index.json`` is unreadable rebuilds it from the checkpoint (the file kept aside as
+``index.json.corrupt-<time>``); model files of later versions add abandoned entries, so
+their numbers are never reused.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as st_save
 
 from stamen.common.errors import StateError
-from stamen.common.state import atomic_write_bytes, atomic_write_json
+from stamen.common.state import atomic_write_bytes, atomic_write_json, remove_stale_temps
+
+log = logging.getLogger("stamen.server")
 
 VERSIONS_SCHEMA_VERSION = 1
 VERSIONS_DIR = "versions"
 INDEX = "index.json"
 RELEASES = "releases.json"
+_MODEL_FILE = re.compile(r"^v(\d{8})\.safetensors$")
 
 
 def version_file(version: int) -> str:
     """The model file name of ``version``."""
     return f"v{version:08d}.safetensors"
+
+
+class UnreadableIndex(StateError):
+    """An ``index.json`` that is not a registry document at all (torn, emptied, edited)."""
 
 
 def read_index(run_dir: Path) -> dict[str, Any]:
@@ -47,11 +64,18 @@ def read_index(run_dir: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise StateError(f"version registry {path} is unreadable: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("schema") != VERSIONS_SCHEMA_VERSION:
+        raise UnreadableIndex(f"version registry {path} is unreadable: {exc}") from exc
+    if not isinstance(doc, dict) or (doc.get("schema") == VERSIONS_SCHEMA_VERSION and not _is_list(doc)):
+        raise UnreadableIndex(f"version registry {path} is unreadable: it is not a registry document")
+    if doc.get("schema") != VERSIONS_SCHEMA_VERSION:
         found = doc.get("schema") if isinstance(doc, dict) else None
         raise StateError(f"version registry {path} has schema {found!r}; this stamen reads {VERSIONS_SCHEMA_VERSION}")
     return doc
+
+
+def _is_list(doc: dict[str, Any]) -> bool:
+    versions = doc.get("versions")
+    return isinstance(versions, list) and all(isinstance(e, dict) and "version" in e for e in versions)
 
 
 def read_releases(run_dir: Path) -> dict[str, Any]:
@@ -84,18 +108,22 @@ class VersionRegistry:
         self.dir = Path(run_dir) / VERSIONS_DIR
         self.keep = keep
         self.abandoned: list[int] = []
-        path = self.dir / INDEX
-        if path.exists():
-            self.doc = read_index(run_dir)
-        else:
-            self.doc = {
-                "schema": VERSIONS_SCHEMA_VERSION,
-                "model": {"name": model.name, "input_shape": list(model.input_shape), "num_classes": model.num_classes},
-                "versions": [],
-            }
+        self.unreadable: UnreadableIndex | None = None  # until a resume rebuilds it from the checkpoint
+        self.doc = {
+            "schema": VERSIONS_SCHEMA_VERSION,
+            "model": {"name": model.name, "input_shape": list(model.input_shape), "num_classes": model.num_classes},
+            "versions": [],
+        }
+        if (self.dir / INDEX).exists():
+            try:
+                self.doc = read_index(run_dir)
+            except UnreadableIndex as exc:
+                self.unreadable = exc
 
     @property
     def entries(self) -> list[dict[str, Any]]:
+        if self.unreadable is not None:
+            raise self.unreadable
         return self.doc["versions"]
 
     @property
@@ -110,12 +138,65 @@ class VersionRegistry:
         raise StateError(f"version {version} is not in the registry {self.dir / INDEX}")
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint knows of the registry: the highest number given out by then."""
-        return {"highest": self.highest}
+        """What a checkpoint knows of the registry: the highest number given out, every entry, the best."""
+        return {"highest": self.highest, "entries": copy.deepcopy(self.entries), "best": self.doc.get("best")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: versions made after the checkpoint are abandoned (listed in :attr:`abandoned`)."""
+        """Resume: versions made after the checkpoint are abandoned (listed in :attr:`abandoned`).
+
+        An unreadable index is rebuilt from the checkpoint first; stale temp files are removed.
+        """
+        remove_stale_temps(self.dir)
+        if self.unreadable is not None:
+            self._rebuild(state)
         self.abandoned = self.abandon_after(int(state["highest"]))
+
+    def _rebuild(self, state: dict[str, Any]) -> None:
+        """Replace the unreadable index with the checkpoint's entries plus later model files."""
+        if "entries" not in state:
+            raise StateError(f"{self.unreadable}; the checkpoint predates saved entries, so it cannot be rebuilt")
+        path = self.dir / INDEX
+        aside = path.with_name(f"{INDEX}.corrupt-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}")
+        os.replace(path, aside)
+        entries = copy.deepcopy(state["entries"])
+        known = {e["version"] for e in entries}
+        for name in sorted(os.listdir(self.dir)):
+            m = _MODEL_FILE.match(name)
+            if m and int(m.group(1)) not in known:
+                entries.append(self._recovered_entry(int(m.group(1)), name))
+        self.doc["versions"] = sorted(entries, key=lambda e: e["version"])
+        if state.get("best") is not None:
+            self.doc["best"] = state["best"]
+        log.warning(
+            "%s; rebuilt it from the checkpoint (%d versions, %d from model files only), the old file kept as %s",
+            self.unreadable,
+            len(entries),
+            len(entries) - len(known),
+            aside.name,
+        )
+        self.unreadable = None
+        self._write()
+
+    def _recovered_entry(self, version: int, name: str) -> dict[str, Any]:
+        """The entry of a model file newer than the checkpoint: all the file itself says."""
+        try:
+            with safe_open(str(self.dir / name), "np") as fh:
+                server_round: int | None = int((fh.metadata() or {})["round"])
+        except (OSError, SafetensorError, KeyError, ValueError):
+            server_round = None
+        created = datetime.fromtimestamp((self.dir / name).stat().st_mtime, UTC).isoformat(timespec="seconds")
+        return {
+            "version": version,
+            "round": server_round,
+            "parent": None,
+            "status": "ok",
+            "metrics": {},
+            "contributors": [],
+            "epsilon": {},
+            "created": created,
+            "file": name,
+            "recovered": "model file only",
+        }
 
     def abandon_after(self, version: int) -> list[int]:
         """Mark versions above ``version`` (the highest the resumed checkpoint knew) abandoned."""
@@ -166,4 +247,4 @@ class VersionRegistry:
                 e["file"] = None
 
     def _write(self) -> None:
-        atomic_write_json(self.dir / INDEX, self.doc)
+        atomic_write_json(self.dir / INDEX, self.doc, mode=0o644)

@@ -18,6 +18,7 @@ from stamen.client.train import make_optimizer, round_seed, shuffled_batches
 from stamen.common.config import StamenConfig
 from stamen.common.errors import DataError
 from stamen.common.models import build_model
+from stamen.common.sitedata import with_site_data
 from stamen.server.evaluate import load_server_data
 
 
@@ -34,7 +35,7 @@ def lr_range_test(
     cfg: StamenConfig, *, site: int = 0, clients: int = 10, steps: int = 100, start: float = 1e-5, end: float = 1.0
 ) -> RangeTest:
     """Run the range test on simulated site ``site`` of ``clients``."""
-    data = load_site_data({"partition-id": site, "num-partitions": clients}, cfg)
+    data = load_site_data(with_site_data({"partition-id": site, "num-partitions": clients}, cfg), cfg)
     shape = load_server_data(cfg)
     model = build_model(str(cfg["model"]), shape.input_shape, shape.num_classes, seed=int(cfg["seed"]))
     model.train()

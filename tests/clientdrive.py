@@ -25,6 +25,25 @@ from stamen.common.reply import screen_reply
 NODE_ID = 7
 
 
+def site_terms(cfg: StamenConfig) -> dict[str, Any]:
+    """Node-config keys of a real site whose own policy (client/site_policy.py) is the run's privacy settings.
+
+    A real node (no ``partition-id``) never takes the run config as its policy: it requires DP
+    by default, and accepting non-DP runs takes ``site-dp = false``. The tests that drive a
+    deployed site through a run give it these terms, as an operator who agreed to them would.
+    """
+    if not cfg["dp"]:
+        return {"site-dp": False}
+    return {
+        "site-dp": True,
+        "epsilon-budget": cfg.epsilon_budget,
+        "site-delta": float(cfg["delta"]),
+        "site-accountant": str(cfg["accountant"]),
+        "site-privacy-policy": str(cfg["privacy-policy"]),
+        "dp-public-stats": bool(cfg["dp-public-stats"]),
+    }
+
+
 class OneSite:
     """A global model and one site (node config ``node_config``) it trains on."""
 

@@ -7,7 +7,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import psutil
@@ -16,6 +16,15 @@ from flwr.app import Message, MessageType, RecordDict
 
 from stamen.common.flwr_internal import SUPERLINK_NODE_ID, TaskIdentity
 from stamen.simulations.run import run_simulate_command
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n`` (pytest-xdist, ``--dist loadgroup``: ``make test``) every deployment test
+    goes to one worker, in order: each starts a SuperLink and SuperNodes and mostly waits on them,
+    so they run beside the simulations rather than against each other's round timeouts."""
+    for item in items:
+        if item.get_closest_marker("deployment"):
+            item.add_marker(pytest.mark.xdist_group("deployment"))
 
 
 @pytest.fixture
@@ -27,17 +36,14 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def fixed_entropy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make a site's secret noise repeatable in this process: its OS entropy comes from a seeded PRNG.
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the test (the machine's cores are shared), restored after."""
+    import torch
 
-    For tests whose assertions are about budgets and plans at particular noise draws, not
-    about the noise's secrecy (tests/test_secret_noise.py tests that, without this fixture).
-    tests/test_shard_privacy.py's budget arithmetic needs a released size on the right side
-    of a batch-count boundary, as it needed the run seed's draws before noise was secret.
-    """
-    import random
-
-    monkeypatch.setattr("stamen.client.noise.os.urandom", random.Random(2).randbytes)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -66,21 +72,35 @@ def required_tool(name: str, how: str, *, path: str | None = None) -> str:
     return found
 
 
-def run_stamen_simulate(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_stamen_simulate(
+    out: Path, *args: str, timeout: float = 300, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``stamen simulate ARGS --out OUT`` as a user runs it (a real process); asserts exit 0."""
-    result = run_simulate_command(out, *args, timeout=timeout)
+    result = run_simulate_command(out, *args, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
-def ray_processes() -> set[int]:
-    """Pids of Ray daemons (raylet, gcs_server) currently alive on this machine."""
-    found: set[int] = set()
+#: An environment variable every process of one command inherits (Ray's daemons included).
+TAG_VARIABLE = "STAMEN_TEST_TAG"
+
+
+def tagged_env(tag: str) -> dict[str, str]:
+    """This environment plus ``TAG_VARIABLE=tag``: whatever a command run with it starts carries the tag."""
+    return {**os.environ, TAG_VARIABLE: tag}
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of live processes whose environment carries :func:`tagged_env`'s ``tag``.
+
+    Only the processes one command started (and theirs), whatever else runs on the machine:
+    a scan for Ray's daemon names would also see other tests' simulations.
+    """
+    found = []
     for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            cmd = " ".join(proc.cmdline())
-            if "raylet" in cmd or "gcs_server" in cmd:
-                found.add(proc.pid)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(TAG_VARIABLE) == tag:
+                found.append(proc.pid)
     return found
 
 

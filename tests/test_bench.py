@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from stamen.common.errors import StamenError
 from stamen.simulations.bench.deployed_round import figures
 from stamen.simulations.bench.drift import Case, score
 from stamen.simulations.bench.fedavgm import median_rounds
+from stamen.simulations.bench.privacy_utility import DEMO_SETTINGS
 from stamen.simulations.bench.proctree import rollup, stop_processes, tree
 from stamen.simulations.bench.runner import SCENARIOS, Goal, finite, load_bench, resolve
 from stamen.simulations.bench.runs import watch
@@ -169,6 +171,16 @@ def _numbers(obj: Any) -> list[float]:
     if isinstance(obj, list):
         return [n for v in obj for n in _numbers(v)]
     return []
+
+
+def test_privacy_utility_runs_the_demo_with_the_makefiles_settings() -> None:
+    """The bench's "demo" setting is ``make run``'s DEMO_FLAGS less DP and its epsilon."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    line = next(row for row in makefile.splitlines() if row.startswith("DEMO_FLAGS ?="))
+    flags = shlex.split(line.split("?=", 1)[1])
+    privacy = {"--target-epsilon", "--delta", "--privacy-horizon-rounds"}
+    rest = [f for i, f in enumerate(flags) if f != "--dp" and f not in privacy and flags[i - 1] not in privacy]
+    assert rest == list(DEMO_SETTINGS)
 
 
 QUICK_SUBSET = ["fedavgm", "scale", "drift"]

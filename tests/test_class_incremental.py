@@ -33,7 +33,9 @@ def test_replay_reduces_forgetting_in_a_class_incremental_run(
     runs = {}
     for size in (100, 0):
         out = tmp_path / f"replay-{size}"
-        result = stamen_simulate(out, "--clients", "3", "--scenario", str(scenario), "--set", f"replay-size={size}")
+        # horizon 500, about a site's records: each is kept with probability 0.2, about 100 in the buffer
+        replay = ["--set", f"replay-size={size}", "--set", "replay-horizon=500"]
+        result = stamen_simulate(out, "--clients", "3", "--scenario", str(scenario), *replay)
         assert "mean forgetting" in result.stdout
         runs[size] = json.loads((out / "summary.json").read_text())
     with_replay, without = runs[100], runs[0]
@@ -52,5 +54,7 @@ def test_replay_reduces_forgetting_in_a_class_incremental_run(
     assert without["participation"]["idle"] == 2 and without["participation"]["replied"] == 28
     assert [row["idle"] for row in with_replay["history"]] == [0] * 10
     state = json.loads((tmp_path / "replay-100" / "sites" / "site-0000" / "replay.json").read_text())["data"]
-    assert state["size"] == 100 and state["seen"] > 100
+    assert state["keep"] == 0.2 and state["seen"] > 400
+    # each record kept by its own keyed hash: binomial(seen, 0.2), within 5 sd
+    assert abs(state["size"] - 0.2 * state["seen"]) < 5 * (state["seen"] * 0.2 * 0.8) ** 0.5, state
     assert not (tmp_path / "replay-0" / "sites" / "site-0000" / "replay.json").exists()

@@ -52,6 +52,7 @@ GOOD_Y = np.arange(200) % 3
         (lambda p: "digits", ["--alpha", "0"], "alpha"),
         (lambda p: "digits", ["--alpha", "-1"], "alpha"),
         (lambda p: _npz(p, x=GOOD_X[:20], y=GOOD_Y[:20]), ["--clients", "30", "--set", "min-partition-size=1"], "30"),
+        (lambda p: _npz(p, x=GOOD_X, y=np.full(200, 2)), ["--clients", "2"], "one class only"),
     ],
     ids=[
         "unknown-dataset",
@@ -66,6 +67,7 @@ GOOD_Y = np.arange(200) % 3
         "alpha-zero",
         "alpha-negative",
         "more-clients-than-samples",
+        "one-class",
     ],
 )
 def test_bad_input_gives_one_clear_error(tmp_path: Path, make_spec, extra: list[str], expected: str) -> None:

@@ -295,4 +295,28 @@ def test_simulate_options_take_their_help_and_default_from_the_key_table() -> No
     for param, name in KEY_OPTIONS.items():
         key = KEY_BY_NAME[name]
         assert key.help in params[param].help
-        assert f"default: {key.default!r}" in params[param].help
+        # shown by click as ``[default: (20)]``; the option itself stays unset (None) so a
+        # scenario or --set can still give the key its value
+        shown = str(key.default).lower() if isinstance(key.default, bool) else str(key.default) or "''"
+        assert params[param].show_default == shown, (param, params[param].show_default)
+        assert params[param].default is None
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("lr_schedule=step", "run config keys use '-', not '_': did you mean 'lr-schedule'?"),
+        ("lr-shedule=step", "did you mean 'lr-schedule'?"),
+    ],
+)
+def test_an_unknown_set_key_suggests_the_key_it_is_probably_a_typo_of(text: str, hint: str) -> None:
+    with pytest.raises(ConfigError, match="unknown run config key") as caught:
+        parse_assignment(text)
+    assert hint in str(caught.value)
+
+
+def test_unknown_keys_in_a_mapping_get_suggestions_too() -> None:
+    with pytest.raises(ConfigError) as caught:
+        StamenConfig.from_mapping({"num_server_rounds": 3, "zzz-unheard-of": 1})
+    assert "did you mean 'num-server-rounds'?" in str(caught.value)
+    assert "'zzz-unheard-of'" in str(caught.value) and "'zzz-unheard-of' (" not in str(caught.value)

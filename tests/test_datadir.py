@@ -12,13 +12,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from clientdrive import OneSite
+from clientdrive import OneSite, site_terms
 
 from stamen.client.datadir import MANIFEST, DataDir
 from stamen.client.dp import dp_schedule
@@ -27,17 +26,9 @@ from stamen.common.datasets import load_dataset
 from stamen.common.state import SiteStore
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("serverapp_identity")
+pytestmark = pytest.mark.usefixtures("serverapp_identity", "one_torch_thread")
 SHAPE = (1, 8, 8)
 NEW_CLASS = 9
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,7 @@ def _site(tmp_path: Path, **raw: object) -> OneSite:
     cfg = StamenConfig.from_mapping({"dataset": "digits", "lr-schedule": "constant", "local-epochs": 2, **raw})
     data_dir = tmp_path / "inbox"
     data_dir.mkdir(exist_ok=True)
-    node = {"site-id": "node-a", "data-dir": str(data_dir), "state-dir": str(tmp_path / "state")}
+    node = {"site-id": "node-a", "data-dir": str(data_dir), "state-dir": str(tmp_path / "state"), **site_terms(cfg)}
     return OneSite(cfg, node, "logreg", SHAPE, 10)
 
 

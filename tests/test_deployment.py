@@ -16,7 +16,9 @@ Run alone with ``pytest -m deployment``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -70,8 +72,9 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
             fed.add_site(site_id, x, y)
         rogue_x, rogue_y = digits_shards(1, seed=1)[0]
         fed.add_site("rogue", rogue_x[:50], rogue_y[:50], register=False)
-        nodes = {s: fed.start_node(s) for s in SITES}
-        rogue = fed.start_node("rogue", connect_timeout=3.0)
+        own = ("--epsilon-budget", "1000")  # each site's own budget: a real node requires DP by default
+        nodes = {s: fed.start_node(s, privacy=own) for s in SITES}
+        rogue = fed.start_node("rogue", connect_timeout=3.0, privacy=own)
 
         run = fed.flwr_run(
             {
@@ -107,7 +110,7 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
         # Same state directory, started again before round 4 (during round 2 or 3).
         _wait("round 2 to complete", lambda: len(read_progress(out)) >= 2, RUN_TIMEOUT, fed)
         assert len(read_progress(out)) < 4
-        restarted = fed.start_node(VICTIM, name=f"{VICTIM}-restarted")
+        restarted = fed.start_node(VICTIM, name=f"{VICTIM}-restarted", privacy=own)
 
         try:
             assert run.popen.wait(timeout=RUN_TIMEOUT) == 0, run.tail()
@@ -121,6 +124,9 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
     history = read_progress(out)
     context = f"history: {history}\nrun output:\n{run.tail(4000)}"
     assert [r["round"] for r in history] == list(range(1, ROUNDS + 1)), context
+    # `flwr run` exits 0 even when the ServerApp dies: the run's own summary is the proof.
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["rounds_completed"]) == ("completed", ROUNDS), context
     # Rounds 2 and 3 completed with the other two sites; the silent one is counted as failed.
     for row in history[1:3]:
         assert row["replied"] == 2 and row["updated"], context
@@ -137,3 +143,44 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
     assert history[-1]["central_accuracy"] > history[0]["central_accuracy"] + 0.1, context
     # The rogue key was never a node of this federation.
     assert len(node_view) == len(SITES), node_view
+
+
+def test_a_serverapp_without_data_runs_a_federation_of_two_nodes_on_one_host(tmp_path: Path) -> None:
+    """The ServerApp knows the model's shape from run config only (no dataset loaded, so only
+    federated evaluation); both nodes share this host and neither names a Runtime API port."""
+    out = tmp_path / "run"
+    rounds = 2
+    with Loopback(tmp_path / "fed") as fed:
+        fed.start_superlink()
+        for site_id, (x, y) in zip(SITES[:2], digits_shards(2), strict=True):
+            fed.add_site(site_id, x, y).runtime_port = None  # `stamen node` picks a free port
+        nodes = [fed.start_node(s) for s in SITES[:2]]
+        run = fed.flwr_run(
+            {
+                "num-server-rounds": rounds,
+                "input-shape": "1,8,8",
+                "num-classes": 10,
+                "out-dir": str(out),
+                "round-timeout": 300.0,  # nobody is killed here: a busy box must not cost a reply
+                "min-available-sites": 2,
+                "wait-for-sites": 120.0,
+                "lr-schedule": "constant",
+                "lr": 0.1,
+                "seed": 5,
+            }
+        )
+        try:
+            assert run.popen.wait(timeout=RUN_TIMEOUT) == 0, run.tail()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`flwr run` did not finish in {RUN_TIMEOUT:.0f}s\n{run.tail()}\n{nodes[0].tail()}")
+        node_logs = [node.log.read_text(errors="replace") for node in nodes]
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    context = f"summary: {summary}\nrun output:\n{run.tail(4000)}"
+    assert (summary["status"], summary["rounds_completed"]) == ("completed", rounds), context
+    assert all(row["replied"] == 2 for row in summary["history"]), context
+    assert not any("central_accuracy" in row for row in summary["history"]), "the server has no data to evaluate on"
+    assert summary["final"]["source"] == "federated" and 0 <= summary["final"]["accuracy"] <= 1, context
+    # each SuperNode serves its Runtime API on the free port its `stamen node` chose for it
+    ports = {m for log in node_logs for m in re.findall(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log)}
+    assert len(ports) == 2, node_logs

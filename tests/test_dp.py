@@ -10,7 +10,6 @@ import itertools
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from stamen.client.dp import DPTrainResult, dp_schedule, train_private
+from stamen.client.dp import DPTrainResult, batches_per_epoch, dp_schedule, train_private
 from stamen.client.ledger import PrivacyLedger, calibrate_noise
 from stamen.common.config import StamenConfig
 from stamen.common.convert import model_to_arrays
@@ -32,14 +31,7 @@ DELTA = 1e-5
 SIGMA = 1.1
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Batches of 4: extra threads only spin, and the CPU is shared with other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small batches: extra threads only spin
 
 
 def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,3 +254,58 @@ def test_scatnet28_trains_under_dp_and_sends_only_its_trainable_layers() -> None
     assert all(torch.equal(filters[k], v) for k, v in model.scattering.named_buffers())
     with pytest.raises(ConfigError, match="divisible by 4"):
         build_model("scatnet28", (1, 10, 10), 4)
+
+
+def test_one_batch_count_for_every_k_and_the_ledger_records_the_planned_steps(tmp_path: Path) -> None:
+    """``int(1 / (1 / k)) == k - 1`` for k = 93 (and 69 other k <= 1000): plan and sampler must not disagree."""
+    for epochs, batch, accum in ((1, 1, 1), (3, 4, 2)):
+        cfg = _cfg(**{"local-epochs": epochs, "batch-size": batch, "accum-steps": accum})
+        logical = batch * accum
+        for k in range(1, 1001):
+            for n in {(k - 1) * logical + 1, k * logical}:
+                assert batches_per_epoch(n, cfg) == k, (n, k)
+                assert dp_schedule(n, cfg) == (1 / k, epochs * k), (n, k)
+    cfg = _cfg(**{"batch-size": 1, "accum-steps": 1})
+    x, y = _data(93)
+    rate, planned = dp_schedule(93, cfg)
+    assert planned == 93
+    result = train_private(
+        _model(), x, y, cfg, server_round=1, seed=0, device=CPU, noise_multiplier=SIGMA, max_grad_norm=1.0,
+        planned_examples=93,
+    )  # fmt: skip
+    ledger = PrivacyLedger.load(_store(tmp_path))
+    result.commit(ledger)
+    assert ledger.history == ((SIGMA, rate, planned),) and ledger.steps == 93
+    assert result.sample_rate == rate == 1 / 93
+
+
+def test_clipped_per_sample_gradients_stay_within_the_bound_under_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measure the clipped per-sample gradients Opacus sums (its ``einsum("i,i...")``): none passes C."""
+    clip = 0.05
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    einsum = torch.einsum
+
+    def spying_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
+        if equation == "i,i...":
+            calls.append((operands[0].detach().double(), operands[1].detach().double()))
+        return einsum(equation, *operands)
+
+    monkeypatch.setattr(torch, "einsum", spying_einsum)
+    model = _model()
+    x, y = _data()
+    cfg = _cfg(precision="bf16", **{"batch-size": 16, "accum-steps": 1})
+    train_private(
+        model, x, y, cfg, server_round=1, seed=5, device=CPU, noise_multiplier=SIGMA, max_grad_norm=clip,
+        planned_examples=len(y),
+    )  # fmt: skip
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert calls and len(calls) % n_params == 0
+    worst = 0.0
+    for start in range(0, len(calls), n_params):
+        squares = sum(
+            (factor.reshape(-1, *[1] * (g.dim() - 1)) * g).flatten(1).pow(2).sum(1)
+            for factor, g in calls[start : start + n_params]
+        )
+        if len(squares):
+            worst = max(worst, float(squares.sqrt().max()))
+    assert clip * 0.99 < worst <= clip * (1 + 1e-6), worst / clip

@@ -75,9 +75,11 @@ def _meta(reply: Message) -> dict[str, Any]:
 
 @pytest.fixture
 def real_node(tmp_path: Path) -> dict[str, Any]:
-    """A deployed site: its own site-id, data file and state directory, no partition-id."""
+    """A deployed site: its own site-id, data file and state directory, no partition-id; it accepts
+    non-DP runs (``site-dp = false``: a real node requires DP otherwise)."""
     np.savez(tmp_path / "site.npz", x=X, y=Y)
-    return {"site-id": "hospital-a", "data": f"npz:{tmp_path / 'site.npz'}", "state-dir": str(tmp_path / "state")}
+    state = str(tmp_path / "state")
+    return {"site-id": "hospital-a", "data": f"npz:{tmp_path / 'site.npz'}", "state-dir": state, "site-dp": False}
 
 
 def _context(node: dict[str, Any]) -> Context:

@@ -122,7 +122,7 @@ def test_release_that_would_pass_the_budget_is_refused_and_spends_nothing(
     config = _run_config(tmp_path, **{"epsilon-budget": 0.05})
     reply = client_app.train(_message(instruction, MessageType.TRAIN, config), _context())
     meta = reply.content.config_records["meta"]
-    assert meta["status"] == Status.REFUSED_BUDGET and "releasing" in meta["reason"]
+    assert meta["status"] == Status.REFUSED_BUDGET and meta["code"] == meta["reason"] == "statistics-release"
     assert PrivacyLedger.load(SiteStore(tmp_path / "sites", "site-0001")).releases == ()
 
 

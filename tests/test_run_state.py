@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import pytest
 
 from stamen.common.config import StamenConfig
 from stamen.common.drift import PageHinkley
-from stamen.common.errors import StateError
+from stamen.common.errors import ConfigError, StateError
 from stamen.common.stateful import Stateful
 from stamen.server.checkpoint import CheckpointStore
 from stamen.server.drift_watch import GLOBAL, DriftWatch
@@ -61,6 +63,17 @@ def test_a_checkpoint_missing_a_part_or_with_an_unknown_one_is_refused_before_an
     with pytest.raises(StateError, match="unknown part"):
         state.load_state_dict({"a": {"n": 3}, "b": {"n": 4}, "c": {"n": 5}})
     assert a.n == b.n == 0, "nothing was loaded from a checkpoint that does not match"
+
+
+def test_a_checkpoint_of_an_older_stamen_resumes_without_a_part_added_later(caplog: pytest.LogCaptureFixture) -> None:
+    state, old, new = RunState(), _Number(), _Number()
+    state.register("old", old)
+    state.register("new", new, added_later=True)
+    new.n = 0
+    state.load_state_dict({"old": {"n": 3}})
+    assert (old.n, new.n) == (3, 0) and "'new'" in caplog.text
+    with pytest.raises(StateError, match="lacks old"):
+        state.load_state_dict({"new": {"n": 1}})
 
 
 def test_array_groups_go_to_safetensors_and_come_back() -> None:
@@ -211,3 +224,51 @@ def test_history_csv_keeps_its_column_order_across_a_checkpoint(tmp_path: Path) 
     again = _federation(out, **{"resume-from": str(out)})
     assert (out / "history.csv").read_text().splitlines()[0] == header
     assert again.outputs.history == fed.outputs.history
+
+
+def _add_version(fed: Federation, server_round: int) -> None:
+    fed._new_version([f"site-000{server_round}"])
+    fed.privacy = {"site-0000": {"epsilon": 0.5 * server_round}}
+    fed._register_version(server_round, {"round": server_round, "loss": 1.0, "accuracy": 0.1 * server_round})
+
+
+def _stale_temp(directory: Path, name: str) -> Path:
+    path = directory / f".{name}.k1ll3d_x.tmp"  # the name atomic_write_bytes gives its temp file
+    path.write_bytes(b"half a write")
+    os.utime(path, (0, 0))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["{ torn", "", '{"schema": 1}'], ids=["torn", "empty", "no-versions"])
+def test_a_corrupt_versions_index_is_rebuilt_from_the_checkpoint_on_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    out = tmp_path / "run"
+    fed = _federation(out)
+    for server_round in (1, 2):
+        _add_version(fed, server_round)
+    fed._save_checkpoint(2, elapsed=3.0)
+    _add_version(fed, 3)  # made after the checkpoint: lost to the crash, its number never reused
+    index = out / "versions" / "index.json"
+    before = json.loads(index.read_text())["versions"]
+    index.write_text(damage)
+    stale = [_stale_temp(out / "checkpoints", "ckpt-00000003.json"), _stale_temp(out / "versions", "index.json")]
+    kept = out / "checkpoints" / "notes.tmp"
+    kept.write_text("not ours")
+
+    with pytest.raises(ConfigError, match="already holds"):
+        _federation(out)  # only a resume rebuilds: a new run in its directory is still refused
+    with caplog.at_level("WARNING", logger="stamen"):
+        again = _federation(out, **{"resume-from": str(out)})
+
+    after = json.loads(index.read_text())
+    assert [e["version"] for e in after["versions"]] == [1, 2, 3]
+    assert after["versions"][:2] == before[:2], "contributors, epsilon and metrics come back from the checkpoint"
+    assert after["versions"][2]["status"] == "abandoned" and after["versions"][2]["round"] == 3
+    assert again.resumes[-1]["abandoned_versions"] == [3] and again.start_round == 3
+    (aside,) = (out / "versions").glob("index.json.corrupt-*")
+    assert aside.read_text() == damage, "the damaged file is kept"
+    assert "rebuilt it from the checkpoint" in caplog.text
+    assert not any(p.exists() for p in stale) and kept.exists()
+    _add_version(again, 3)
+    assert [e["version"] for e in json.loads(index.read_text())["versions"]] == [1, 2, 3, 4]

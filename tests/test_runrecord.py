@@ -21,6 +21,7 @@ from stamen.common.runrecord import (
     git_commit,
     write_run_record,
 )
+from stamen.server.dp_fedavg import seeded_noise_seed
 
 CFG = StamenConfig.from_mapping({"seed": 7, "lr": 0.1, "strategy": "fedadam", "dataset": "digits"})
 
@@ -61,6 +62,16 @@ def test_holds_schema_git_commit_and_extras(record: dict[str, Any]) -> None:
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit)
     assert record["model"] == "mlp"
     assert record["created"]
+
+
+def test_the_record_lists_no_dp_noise_seed_and_a_seeded_run_keeps_its_server_noise_seed(
+    record: dict[str, Any],
+) -> None:
+    """DP noise is secret; the seeded server noise keeps seed + 4, which older records list as
+    ``seeds.server_noise``, so an older seeded run still reproduces."""
+    assert "server_noise" not in record["seeds"] and "server_noise" not in derive_seeds(7)
+    assert seeded_noise_seed(7) == 7 + 4
+    assert seeded_noise_seed(7) not in derive_seeds(7).values()
 
 
 def test_derived_seeds_follow_the_master_seed() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -132,15 +131,6 @@ def test_cosine_decays_monotonically_to_the_floor() -> None:
 
 
 # --- local training follows the schedule --------------------------------------------------------
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models train ~50x slower when torch's threads fight other work for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

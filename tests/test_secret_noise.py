@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from clientdrive import OneSite
+from clientdrive import OneSite, site_terms
 
 from stamen.client import app as client_app
 from stamen.client.app import Instruction
@@ -44,7 +44,7 @@ def _site(tmp_path: Path, noise: str, *, real: bool = False) -> OneSite:
     if real:
         data = load_dataset("digits")
         np.savez(tmp_path / "site.npz", x=data.x_train[:400], y=data.y_train[:400])
-        node["data"] = f"npz:{tmp_path / 'site.npz'}"
+        node |= {"data": f"npz:{tmp_path / 'site.npz'}", **site_terms(cfg)}
     else:
         node |= {"partition-id": 0, "num-partitions": 2}
     return OneSite(cfg, node, "logreg", (1, 8, 8), 10)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
+from stamen.client.ledger import PrivacyLedger
 from stamen.common.convert import arrays_to_record
 from stamen.common.errors import ConfigError
 from stamen.common.identity import SiteSampler
 from stamen.common.reply import SiteReply, Status
+from stamen.common.state import SiteStore
 from stamen.server.dp_fedavg import DPFedAvg
 from stamen.server.loop import server_update
 from stamen.server.optimizers.fedavgm import FedAvgM
@@ -25,7 +29,7 @@ def _reply(site: str, arrays: dict[str, np.ndarray]) -> SiteReply:
 
 
 def test_each_update_is_clipped_and_the_divisor_is_the_expected_count() -> None:
-    dp = DPFedAvg(CLIP, 1e-9, 1.0, seed=0)  # negligible noise: see the clipping alone
+    dp = DPFedAvg(CLIP, 1e-9, seed=0)  # negligible noise: see the clipping alone
     big = {"w": np.full((3, 4), 10.0, np.float32), "b": np.zeros(4, np.float32)}
     small = {"w": np.full((3, 4), 0.01, np.float32), "b": np.zeros(4, np.float32)}
     out = dp.aggregate(GLOBAL, [big, small], expected_sites=4, server_round=1)
@@ -42,7 +46,7 @@ def test_noise_is_added_before_the_momentum_step() -> None:
     w0 + n1 / m + n2 / m, whatever beta.
     """
     m = 3
-    dp = DPFedAvg(CLIP, SIGMA, 1.0, seed=7)
+    dp = DPFedAvg(CLIP, SIGMA, seed=7)
     optimizer = FedAvgM(server_lr=LR, momentum=BETA)
     arrays = dict(GLOBAL)
     noises = []
@@ -61,21 +65,25 @@ def test_noise_is_added_before_the_momentum_step() -> None:
 
 
 def test_noise_is_reproducible_per_round_and_differs_between_rounds() -> None:
-    a, b = DPFedAvg(CLIP, SIGMA, 1.0, seed=3), DPFedAvg(CLIP, SIGMA, 1.0, seed=3)
+    a, b = DPFedAvg(CLIP, SIGMA, seed=3), DPFedAvg(CLIP, SIGMA, seed=3)
     np.testing.assert_array_equal(a.noise(GLOBAL, 5)["w"], b.noise(GLOBAL, 5)["w"])
     assert not np.allclose(a.noise(GLOBAL, 5)["w"], a.noise(GLOBAL, 6)["w"])
     assert np.std(a.noise({"w": np.zeros(20000, np.float32)}, 1)["w"]) == pytest.approx(SIGMA * CLIP, rel=0.03)
 
 
-@pytest.mark.parametrize(("rate", "rounds"), [(1.0, 5), (0.2, 30)])
-def test_epsilon_is_opacus_on_the_rounds_noised(rate: float, rounds: int) -> None:
-    dp = DPFedAvg(CLIP, SIGMA, rate, seed=0)
+@pytest.mark.parametrize("rounds", [5, 30])
+def test_epsilon_is_opacus_at_rate_one_on_the_rounds_noised(rounds: int) -> None:
+    """No amplification by site sampling: history.csv names each round's sampled sites."""
+    dp = DPFedAvg(CLIP, SIGMA, seed=0)
     for r in range(1, rounds + 1):
         dp.aggregate(GLOBAL, [], expected_sites=3, server_round=r)
     reference = RDPAccountant()
-    reference.history = [(SIGMA, rate, rounds)]
+    reference.history = [(SIGMA, 1.0, rounds)]
+    assert dp.sample_rate == 1.0
     assert dp.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5))
-    assert dp.epsilon(1e-5) > 0
+    amplified = RDPAccountant()
+    amplified.history = [(SIGMA, 0.2, rounds)]
+    assert dp.epsilon(1e-5) > 2 * amplified.get_epsilon(1e-5), "the amplified claim would be far smaller"
 
 
 def test_poisson_site_sampling_includes_each_site_at_the_rate() -> None:
@@ -88,6 +96,48 @@ def test_poisson_site_sampling_includes_each_site_at_the_rate() -> None:
 
 def test_bad_server_dp_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="clip"):
-        DPFedAvg(0.0, SIGMA, 1.0, seed=0)
-    with pytest.raises(ConfigError, match="sample rate"):
-        DPFedAvg(CLIP, SIGMA, 1.5, seed=0)
+        DPFedAvg(0.0, SIGMA, seed=0)
+    with pytest.raises(ConfigError, match="noise"):
+        DPFedAvg(CLIP, 0.0, seed=0)
+
+
+# --- every reported epsilon against an independent accountant (Google's dp_accounting) ------
+
+
+def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of Poisson-subsampled Gaussian rounds (sigma, rate, steps) by dp_accounting's RDP
+    accountant (add/remove neighbours, Opacus's orders so only the implementations differ)."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+    from opacus.accountants.rdp import RDPAccountant as OpacusRDP
+
+    accountant = rdp.RdpAccountant(orders=list(OpacusRDP.DEFAULT_ALPHAS))
+    for sigma, rate, steps in history:
+        gaussian = dp_event.GaussianDpEvent(sigma)
+        event = gaussian if rate == 1.0 else dp_event.PoissonSampledDpEvent(rate, gaussian)
+        accountant.compose(dp_event.SelfComposedDpEvent(event, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def test_a_sites_ledger_epsilon_matches_dp_accounting_within_one_percent(tmp_path: Path) -> None:
+    """A multi-round history with several sigmas, rates and statistic releases (rate 1)."""
+    delta = 1e-5
+    ledger = PrivacyLedger.load(SiteStore(tmp_path, "site-a"), delta=delta)
+    rounds = [(1.1, 0.02, 120), (1.1, 0.02, 80), (0.8, 0.05, 40), (2.0, 0.01, 300), (1.3, 0.1, 10)]
+    for sigma, rate, steps in rounds:
+        ledger.record(sigma, rate, steps)
+    for sigma in (20.0, 20.0, 35.0):
+        ledger.record_release(sigma)
+    stored = PrivacyLedger.load(SiteStore(tmp_path, "site-a"), delta=delta)
+    assert stored.rounds == len(rounds) and stored.releases == (20.0, 20.0, 35.0)
+    expected = _independent_epsilon([*rounds, (20.0, 1.0, 2), (35.0, 1.0, 1)], delta)
+    assert stored.epsilon(delta) == pytest.approx(expected, rel=0.01)
+    assert 1.0 < expected < 20.0, "a history in the range that matters"
+
+
+@pytest.mark.parametrize("rounds", [3, 50])
+def test_the_server_dp_fedavg_epsilon_matches_dp_accounting_within_one_percent(rounds: int) -> None:
+    dp = DPFedAvg(CLIP, 1.5, seed=0)
+    for r in range(1, rounds + 1):
+        dp.aggregate(GLOBAL, [], expected_sites=3, server_round=r)
+    assert dp.epsilon(1e-5) == pytest.approx(_independent_epsilon([(1.5, 1.0, rounds)], 1e-5), rel=0.01)

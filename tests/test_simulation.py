@@ -5,22 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
+import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import ray_processes
+from conftest import run_stamen_simulate, tagged_env, tagged_processes
 from safetensors.numpy import load_file
 
 from stamen.common.config import KEYS
 
 
 @pytest.mark.slow
-def test_three_sites_three_rounds_on_digits(tmp_path: Path, stamen_simulate: Callable[..., Any]) -> None:
-    before = ray_processes()
-    out = tmp_path / "run"
-    result = stamen_simulate(out, "--clients", "3", "--rounds", "3", "--dataset", "digits", "--local-epochs", "2")
+def test_three_sites_three_rounds_on_digits(tmp_path: Path) -> None:
+    out, tag = tmp_path / "run", uuid.uuid4().hex
+    args = ("--clients", "3", "--rounds", "3", "--dataset", "digits", "--local-epochs", "2")
+    result = run_stamen_simulate(out, *args, env=tagged_env(tag))
     assert "final accuracy" in result.stdout
 
     summary = json.loads((out / "summary.json").read_text())
@@ -48,4 +47,4 @@ def test_three_sites_three_rounds_on_digits(tmp_path: Path, stamen_simulate: Cal
         participation = json.loads((out / "sites" / site / "participation.json").read_text())
         assert participation["data"]["rounds"] == 3
 
-    assert ray_processes() <= before, "the simulation left Ray processes behind"
+    assert tagged_processes(tag) == [], "the simulation left processes behind (Ray's daemons or workers)"

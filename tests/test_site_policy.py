@@ -9,13 +9,11 @@ the server counts refusals by reason.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from clientdrive import NODE_ID, OneSite
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -30,18 +28,12 @@ from stamen.common.state import SiteStore
 from stamen.server.loop import screen_round
 from stamen.server.observe import RoundObserver
 
-pytestmark = pytest.mark.usefixtures("serverapp_identity")
+pytestmark = pytest.mark.usefixtures("serverapp_identity", "one_torch_thread")
 RECORDS = 500
 #: A site that requires DP, at delta 1e-5 or smaller, noise 0.8 or more, its own budget.
 OWN = {"site-dp": True, "epsilon-budget": 50.0, "site-delta": 1e-5, "site-min-noise": 0.8}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: A simulated site (Flower's engine sets partition-id) without --site-policy: the run's values are its policy.
+SIMULATED = {"partition-id": 0}
 
 
 def _cfg(**changes: Any) -> StamenConfig:
@@ -76,7 +68,7 @@ def _ledger_doc(tmp_path: Path) -> dict[str, Any]:
         (True, {"noise-multiplier": 0.5}, "policy-noise"),
         (True, {"privacy-policy": "per-shard"}, "policy-switch"),
         (True, {"accountant": "prv"}, "policy-accountant"),
-        # A site with no policy of its own: its ledger alone pins delta, accountant and policy.
+        # A simulated site with no policy of its own: its ledger alone pins delta, accountant and policy.
         (False, {"delta": 1e-3}, "policy-delta"),
         (False, {"privacy-policy": "per-shard"}, "policy-switch"),
         (False, {"accountant": "prv"}, "policy-accountant"),
@@ -85,7 +77,7 @@ def _ledger_doc(tmp_path: Path) -> dict[str, Any]:
 def test_a_weaker_instruction_is_refused_with_its_code_and_the_ledger_is_untouched(
     tmp_path: Path, own: bool, changes: dict[str, Any], code: str
 ) -> None:
-    policy = OWN if own else {}
+    policy = OWN if own else SIMULATED
     first = _site(tmp_path, _cfg(), policy).train(1)
     assert first["status"] == "ok" and first["ledger-rounds"] == 1
     before = _ledger_bytes(tmp_path)
@@ -97,6 +89,37 @@ def test_a_weaker_instruction_is_refused_with_its_code_and_the_ledger_is_untouch
     assert _ledger_bytes(tmp_path) == before
     again = _site(tmp_path, _cfg(), policy).train(2)
     assert again["status"] == "ok" and again["ledger-rounds"] == 2, "the site's own terms still train"
+
+
+def test_a_real_node_without_privacy_configuration_has_the_strict_default(tmp_path: Path) -> None:
+    """No site-dp on a real node: DP required, delta 1e-5, rdp, refuse, its own budget (none: no DP round)."""
+    assert _site(tmp_path, _cfg(dp=False), {}).train(1)["code"] == "policy-dp-off"
+    no_budget = _site(tmp_path, _cfg(), {}).train(1)
+    assert (no_budget["status"], no_budget["code"]) == (Status.REFUSED_BUDGET.value, "policy-no-budget")
+    assert _ledger_bytes(tmp_path) == {}, "nothing was charged"
+    budget = {"epsilon-budget": 50.0}
+    for changes, code in (
+        ({"delta": 1e-4}, "policy-delta"),
+        ({"accountant": "prv"}, "policy-accountant"),
+        ({"privacy-policy": "per-shard"}, "policy-switch"),
+    ):
+        assert _site(tmp_path, _cfg(**changes), budget).train(1)["code"] == code
+    assert _ledger_bytes(tmp_path) == {}
+    # The run's own epsilon-budget (50) is not the site's: its own budget of 0.01 refuses the round.
+    assert _site(tmp_path, _cfg(), {"epsilon-budget": 0.01}).train(1)["code"] == "statistics-release"
+    trained = _site(tmp_path, _cfg(), budget).train(1)
+    assert trained["status"] == "ok" and trained["ledger-rounds"] == 1
+    assert (_ledger_doc(tmp_path)["delta"], _ledger_doc(tmp_path)["accountant"]) == (1e-5, "rdp")
+
+
+def test_accepting_a_run_without_dp_takes_an_explicit_site_dp_false(tmp_path: Path) -> None:
+    reply = _site(tmp_path, _cfg(dp=False), {"site-dp": False}).train(1)
+    assert reply["status"] == "ok" and "epsilon" not in reply
+    assert _ledger_bytes(tmp_path) == {}
+    policy = SitePolicy.of({"site-id": "node-a", "site-dp": "false"}, _cfg())
+    assert (policy.source, policy.dp_required) == ("site", False)
+    simulated = SitePolicy.of(SIMULATED, _cfg(delta=1e-3))
+    assert (simulated.source, simulated.dp_required, simulated.delta) == ("run", False, 1e-3)
 
 
 def test_a_stricter_instruction_trains_and_the_ledger_keeps_the_smallest_delta(tmp_path: Path) -> None:
@@ -122,7 +145,7 @@ def test_a_sample_rate_above_the_sites_largest_is_refused(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("own", [True, False])
 def test_a_delta_not_below_one_over_n_is_refused(tmp_path: Path, own: bool) -> None:
-    policy = {**OWN, "site-delta": 0.5} if own else {}
+    policy = {**OWN, "site-delta": 0.5} if own else SIMULATED
     reply = _site(tmp_path, _cfg(delta=2 / RECORDS), policy).train(1)  # n: at most RECORDS train records
     assert reply["code"] == "policy-delta-vs-n", reply
     assert _ledger_bytes(tmp_path) == {}
@@ -130,7 +153,7 @@ def test_a_delta_not_below_one_over_n_is_refused(tmp_path: Path, own: bool) -> N
 
 
 def test_the_ledger_records_delta_accountant_and_policy_and_an_old_one_is_refused(tmp_path: Path) -> None:
-    assert _site(tmp_path, _cfg(delta=1e-4), {}).train(1)["status"] == "ok"
+    assert _site(tmp_path, _cfg(delta=1e-4), SIMULATED).train(1)["status"] == "ok"
     doc = _ledger_doc(tmp_path)
     assert (doc["ledger-schema"], doc["delta"], doc["accountant"], doc["policy"]) == (2, 1e-4, "rdp", "refuse")
     store = SiteStore(tmp_path / "state", "node-a")
@@ -139,10 +162,10 @@ def test_the_ledger_records_delta_accountant_and_policy_and_an_old_one_is_refuse
     with pytest.raises(StateError, match=r"schema 1.*migrate"):
         PrivacyLedger.load(store, delta=1e-4)
     with pytest.raises(RejectedReply, match="schema 1"):
-        _site(tmp_path, _cfg(delta=1e-4), {}).train(2)
+        _site(tmp_path, _cfg(delta=1e-4), SIMULATED).train(2)
     migrate_ledger(store, LEDGER_ENTRY, delta=1e-5)
     assert PrivacyLedger.load(store, delta=1e-5).delta == 1e-5
-    assert _site(tmp_path, _cfg(delta=1e-4), {}).train(2)["code"] == "policy-delta"
+    assert _site(tmp_path, _cfg(delta=1e-4), SIMULATED).train(2)["code"] == "policy-delta"
 
 
 def test_a_site_dp_policy_needs_its_own_budget(tmp_path: Path) -> None:

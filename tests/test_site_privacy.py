@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from clientdrive import OneSite
+from clientdrive import OneSite, site_terms
 from opacus.accountants import RDPAccountant
 
 from stamen.client.ledger import LEDGER_ENTRY, Ledger, PrivacyLedger, PrivacyRefusal
@@ -27,16 +26,8 @@ from stamen.common.config import StamenConfig
 from stamen.common.datasets import load_dataset
 from stamen.common.state import SiteStore
 
-pytestmark = pytest.mark.usefixtures("serverapp_identity")
+pytestmark = pytest.mark.usefixtures("serverapp_identity", "one_torch_thread")
 DELTA = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _site(tmp_path: Path, policy: str, budget: float = 50.0) -> OneSite:
@@ -57,7 +48,7 @@ def _site(tmp_path: Path, policy: str, budget: float = 50.0) -> OneSite:
     data = load_dataset("digits")
     for name, rows in (("a.npz", slice(0, 300)), ("b.npz", slice(300, 500))):
         np.savez(inbox / name, x=data.x_train[rows], y=data.y_train[rows])
-    node = {"site-id": "node-a", "data-dir": str(inbox), "state-dir": str(tmp_path / "state")}
+    node = {"site-id": "node-a", "data-dir": str(inbox), "state-dir": str(tmp_path / "state"), **site_terms(cfg)}
     return OneSite(cfg, node, "logreg", (1, 8, 8), 10)
 
 
@@ -165,11 +156,11 @@ def _release(ledger: Ledger, budget: float) -> dict[str, float]:
     return {"charged": 1.0}
 
 
-@pytest.mark.parametrize(("budget", "reason"), [(1e-4, "releasing"), (1.0, "this round would bring epsilon")])
-def test_the_clientapp_turns_either_refusal_into_refused_budget(tmp_path: Path, budget: float, reason: str) -> None:
+@pytest.mark.parametrize(("budget", "code"), [(1e-4, "statistics-release"), (1.0, "training-round")])
+def test_the_clientapp_turns_either_refusal_into_refused_budget(tmp_path: Path, budget: float, code: str) -> None:
     site = _site(tmp_path, "refuse", budget=budget)
     reply = site.train(1)
-    assert reply["status"] == "refused_budget" and reason in reply["reason"], reply
+    assert reply["status"] == "refused_budget" and reply["code"] == reply["reason"] == code, reply
     stored = _stored_ledgers(tmp_path)
     assert all(doc["rounds"] == 0 and _epsilon(doc) <= budget for doc in stored.values()), stored
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,11 +63,11 @@ def test_json_round_trip(store: SiteStore) -> None:
     assert store.read_json("ledger") == [3]
 
 
-def test_json_file_is_versioned_and_world_readable(store: SiteStore) -> None:
+def test_json_file_is_versioned_and_owner_only(store: SiteStore) -> None:
     store.write_json("ledger", {"x": 1})
     path = store.dir / "ledger.json"
     assert json.loads(path.read_text()) == {"schema": STATE_SCHEMA_VERSION, "data": {"x": 1}}
-    assert mode(path) == 0o644
+    assert mode(path) == 0o600
 
 
 def test_missing_entries_give_the_default(store: SiteStore) -> None:
@@ -213,3 +216,33 @@ def test_a_durable_write_syncs_file_and_directory_and_a_light_one_neither(
     assert path.read_bytes() == b"new"
     assert len(calls) == fsyncs
     assert [p.name for p in tmp_path.iterdir()] == ["entry.json"], "no temporary file is left behind"
+
+
+def killed_write(path: Path) -> Path:
+    """The temp file a process killed inside :func:`atomic_write_bytes` leaves (before its rename)."""
+    script = (
+        "import os, sys\n"
+        "from stamen.common import state\n"
+        "os.replace = lambda *a: os._exit(9)\n"
+        "state.atomic_write_bytes(sys.argv[1], b'half')\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script, str(path)], timeout=60).returncode == 9
+    (left,) = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+    old = time.time() - 3600
+    os.utime(left, (old, old))
+    return left
+
+
+def test_opening_a_site_store_removes_stale_temp_files_and_nothing_else(tmp_path: Path, store: SiteStore) -> None:
+    store.write_json("ledger", {"x": 1})
+    stale = [killed_write(store.dir / "ledger.json"), killed_write(store.dir / "replay.safetensors")]
+    fresh = store.dir / ".ledger.json.abcd1234.tmp"  # a write in progress in another process
+    fresh.write_bytes(b"")
+    others = [store.dir / n for n in (".hidden", "notes.tmp", ".ledger.json.tmp", ".x.toolong123.tmp")]
+    for path in others:
+        path.write_bytes(b"keep")
+        os.utime(path, (0, 0))
+    SiteStore(tmp_path / "sites", SITE)
+    assert not any(p.exists() for p in stale)
+    assert fresh.exists() and all(p.exists() for p in others)
+    assert SiteStore(tmp_path / "sites", SITE).read_json("ledger") == {"x": 1}

@@ -76,7 +76,8 @@ def test_a_killed_superlink_restarts_and_the_run_resumes_from_its_checkpoint(tmp
     summary = json.loads((out / "summary.json").read_text())
     context = f"before: {before}\nafter: {after}\n{resumed.tail()}"
     assert [r["round"] for r in after] == list(range(1, ROUNDS + 1)), context
-    assert summary["rounds_completed"] == ROUNDS, context
+    # `flwr run` exits 0 even when the ServerApp dies: the run's own summary is the proof.
+    assert (summary["status"], summary["rounds_completed"]) == ("completed", ROUNDS), context
     for rnd in saved:  # every checkpointed round survives exactly as it was recorded
         assert after[rnd - 1] == before[rnd], context
     assert after[-1]["central_accuracy"] > after[0]["central_accuracy"], context

@@ -130,3 +130,12 @@ def test_a_rollback_marks_the_abandoned_line_back_to_the_target(tmp_path: Path) 
     assert [e["status"] for e in list_versions(tmp_path)] == ["ok", "ok", "rolled_back", "rolled_back", "ok"]
     with pytest.raises(StamenError, match="status 'rolled_back'"):
         promote(tmp_path, 3, force=True)
+
+
+def test_an_index_of_another_schema_is_refused_not_rebuilt(tmp_path: Path) -> None:
+    _registry(tmp_path, [0.5])
+    index = tmp_path / "versions" / "index.json"
+    index.write_text(json.dumps({"schema": 99, "versions": []}))
+    with pytest.raises(StateError, match="schema 99"):
+        VersionRegistry(tmp_path, MODEL, 0)
+    assert json.loads(index.read_text())["schema"] == 99, "a newer stamen's index is left as it is"

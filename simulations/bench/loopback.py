@@ -6,6 +6,7 @@ directory), and ``flwr run`` against them — the same commands an operator runs
 scripts in deploy/tls/. Every process starts in a session of its own and is remembered;
 :meth:`Loopback.close` stops each one's process group and those of all its descendants
 (SuperExec, ServerApp, SuperNode), SIGTERM then SIGKILL, and reports what it stopped.
+:class:`NodeMemory` samples the peak memory (PSS and RSS) of each site's process tree.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import psutil
+
+from stamen.simulations.bench.periodic import Periodic
+from stamen.simulations.bench.proctree import rollup, tree
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: deploy/tls scripts, the Flower app directory
 BIN = Path(sys.executable).parent
@@ -83,7 +88,7 @@ class Site:
     key: Path
     data_dir: Path
     state_dir: Path
-    runtime_port: int = field(default_factory=free_port)
+    runtime_port: int | None = field(default_factory=free_port)  # None: `stamen node` picks a free one
 
     @property
     def data_file(self) -> Path:
@@ -97,7 +102,8 @@ class Loopback:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.certs = self.root / "certs"
-        self.port = free_port()
+        self.port = free_port()  # the Fleet API (stamen's proxy): what SuperNodes dial
+        self.control_port = free_port()  # Flower's own API on loopback: what `flwr` dials
         self.executor = executor
         self.torch_threads = torch_threads  # several sites share this machine's cores
         self.watched = watched  # sites read a watched data directory (else node config names the npz file)
@@ -152,21 +158,24 @@ class Loopback:
             self.cli_home.mkdir(parents=True, exist_ok=True)
             (self.cli_home / "config.toml").write_text(
                 '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
+                f'address = "127.0.0.1:{self.control_port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
             )
         cmd = [str(BIN / "stamen"), "superlink", "--database", str(self.root / "superlink.db"),
-               "--certificates", str(self.certs), "--port", str(self.port)]  # fmt: skip
+               "--certificates", str(self.certs), "--port", str(self.port),
+               "--control-port", str(self.control_port)]  # fmt: skip
         proc = self.start(name, cmd, self.env("superlink"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
                 raise RuntimeError(f"the SuperLink exited {proc.popen.returncode}:\n{proc.tail()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                for port in (self.port, self.control_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return proc
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError(f"the SuperLink did not listen on {self.port} within {timeout:.0f}s:\n{proc.tail()}")
+        ports = f"{self.port} and {self.control_port}"
+        raise RuntimeError(f"the SuperLink did not listen on {ports} within {timeout:.0f}s:\n{proc.tail()}")
 
     # --- sites -----------------------------------------------------------------------
 
@@ -184,16 +193,29 @@ class Loopback:
         self.sites[site_id] = site
         return site
 
-    def start_node(self, site_id: str, *, name: str | None = None, connect_timeout: float = 150.0) -> Proc:
-        """``stamen node`` for a site (its FLWR_HOME is the site's own)."""
+    def start_node(
+        self,
+        site_id: str,
+        *,
+        name: str | None = None,
+        connect_timeout: float = 150.0,
+        privacy: Sequence[str] = ("--set", "site-dp=false"),
+    ) -> Proc:
+        """``stamen node`` for a site (its FLWR_HOME is the site's own).
+
+        ``privacy``: the node's own privacy options. A real node requires DP by default, so
+        the default here, for non-DP runs, says ``site-dp=false`` explicitly; a DP run's
+        sites pass their budget (``("--epsilon-budget", "8")``).
+        """
         site = self.sites[site_id]
         cmd = [
             str(BIN / "stamen"), "node", "--site-id", site_id, "--superlink", f"127.0.0.1:{self.port}",
             "--state-dir", str(site.state_dir),
             *(["--data-dir", str(site.data_dir)] if self.watched else ["--data", f"npz:{site.data_file}"]),
             "--root-certificates", str(self.certs / "ca.crt"), "--auth-key", str(site.key),
-            "--runtime-port", str(site.runtime_port), "--executor", self.executor,
-            "--connect-timeout", str(connect_timeout), "--torch-threads", str(self.torch_threads),
+            *(["--runtime-port", str(site.runtime_port)] if site.runtime_port is not None else []),
+            "--executor", self.executor,
+            "--connect-timeout", str(connect_timeout), "--torch-threads", str(self.torch_threads), *privacy,
         ]  # fmt: skip
         return self.start(name or site_id, cmd, self.env(site_id))
 
@@ -243,9 +265,11 @@ class Loopback:
         return how if not any(_alive(p) for p in pids) else f"still alive after {how}"
 
     def close(self) -> dict[str, str]:
-        """Stop everything this federation started (newest first)."""
-        for proc in reversed(self.procs):
-            self.stopped[f"{proc.name}[{proc.popen.pid}]"] = self.stop(proc)
+        """Stop everything this federation started, all at once (one by one, ten nodes took minutes)."""
+        procs = list(reversed(self.procs))
+        with ThreadPoolExecutor(max_workers=max(len(procs), 1)) as pool:
+            for proc, how in zip(procs, pool.map(self.stop, procs), strict=True):
+                self.stopped[f"{proc.name}[{proc.popen.pid}]"] = how
         return self.stopped
 
     def __enter__(self) -> Loopback:
@@ -253,6 +277,35 @@ class Loopback:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class NodeMemory(Periodic):
+    """Peak PSS and RSS (bytes) of each ``stamen node``'s whole process tree, sampled in a thread.
+
+    PSS counts a page shared by the node's processes (SuperNode, warm executor) once in all;
+    RSS counts it in each, so it overstates a tree that shares pages.
+    """
+
+    nodes: Mapping[str, Proc]
+    interval: float = 5.0
+    peak_pss: dict[str, int] = field(default_factory=dict)
+    peak_rss: dict[str, int] = field(default_factory=dict)
+
+    def sample(self) -> None:
+        for site, proc in self.nodes.items():
+            usage = [rollup(pid) for pid in tree(proc.popen.pid)]
+            pss, rss = sum(u[0] for u in usage), sum(u[1] for u in usage)
+            self.peak_pss[site] = max(self.peak_pss.get(site, 0), pss)
+            self.peak_rss[site] = max(self.peak_rss.get(site, 0), rss)
+
+    def table(self) -> str:
+        """One line per site: peak PSS and RSS in MiB."""
+        mib = 2.0**20
+        return "\n".join(
+            f"{s}: peak PSS {self.peak_pss.get(s, 0) / mib:.0f} MiB, RSS {self.peak_rss.get(s, 0) / mib:.0f} MiB"
+            for s in self.nodes
+        )
 
 
 def _toml(value: object) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from stamen.common.errors import StamenError
 from stamen.common.state import atomic_write_bytes, atomic_write_json
+from stamen.common.state import finite_or_none as finite
 from stamen.simulations.bench.machine import LoadSampler, machine_info
 from stamen.simulations.bench.report import markdown
 from stamen.simulations.bench.runs import ABORT
@@ -99,21 +100,6 @@ class Context:
         return self.out / f"{self.name}{'-' + suffix if suffix else ''}.png"
 
 
-def finite(obj: Any) -> Any:
-    """``obj`` with NaN and infinities turned to None and paths to strings (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return finite(obj.item())
-    return obj
-
-
 def load_bench(path: Path) -> list[dict[str, Any]]:
     """The entries already in ``bench.json`` (none if it does not exist)."""
     if not path.exists():
@@ -174,7 +160,7 @@ def run_bench(names: list[str], out: Path, *, quick: bool, echo: Callable[[str],
         entry.update(seconds=time.monotonic() - t0, load_average=load.report(), machine=machine)
         entries.append(finite(entry))
         done.append(entries[-1])
-        atomic_write_json(bench_path, entries)
+        atomic_write_json(bench_path, entries, mode=0o644)
         atomic_write_bytes(out / "bench.md", markdown(entries).encode(), mode=0o644)
         echo(line)
     return done

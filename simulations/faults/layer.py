@@ -32,6 +32,7 @@ from stamen.server.app import make_server_app
 from stamen.simulations.faults.attack import attack_of, poison_data, poison_update
 from stamen.simulations.faults.label_shift import apply_label_shift
 from stamen.simulations.faults.lr_spike import with_lr_spike
+from stamen.simulations.placement import record_placement
 
 
 def faulty_data(view: SiteView, ins: Instruction) -> SiteView:
@@ -58,11 +59,14 @@ def poison_updates(msg: Message, context: Context, call_next: Callable[[Message,
     return reply
 
 
-def client_app(site_policy: Mapping[str, Any] | None = None) -> ClientApp:
-    """The simulation's ClientApp: stamen's, with the faults the run config asks for, and
+def client_app(site_policy: Mapping[str, Any] | None = None, placement_dir: str | None = None) -> ClientApp:
+    """The simulation's ClientApp: stamen's, with the faults the run config asks for,
     ``site_policy`` (node-config keys, :func:`stamen.client.site_policy.load_policy_file`)
-    in every site's node config."""
+    in every site's node config, and, given ``placement_dir``, a marker of the Ray node each
+    site ran on (:mod:`stamen.simulations.placement`)."""
     mods = [poison_updates, *([partial(with_site_policy, dict(site_policy))] if site_policy else [])]
+    if placement_dir is not None:
+        mods.insert(0, partial(record_placement, placement_dir))
     return make_client_app(data_transform=faulty_data, mods=mods)
 
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from stamen.common.errors import StamenError
 
@@ -24,7 +25,8 @@ def clean_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except StamenError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            # escaped, not wrapped: the message is the user's own words (``tuple[int, ...]``) on one line
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -32,7 +34,7 @@ def clean_errors(func: F) -> F:
 
 class _ConsoleHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        console.print(f"[yellow]{record.levelname.lower()}:[/] {record.getMessage()}", highlight=False)
+        console.print(f"[yellow]{record.levelname.lower()}:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
 
 
 def show_warnings() -> None:
