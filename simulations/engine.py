@@ -55,18 +55,49 @@ TIMED_OUT = 124  # the CLI's exit code for a run stopped at its timeout
 POLL = 0.5
 
 
-def end_descendants(grace: float = 5.0) -> None:
-    """Terminate, then kill, every process this one started (the Ray daemons and workers)."""
-    procs = psutil.Process().children(recursive=True)
-    # a process may exit between the listing and its signal: it has nothing left to end
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace)
+def started_processes() -> list[psutil.Process]:
+    """Every live process this one started: its descendants and, when it leads its own process
+    group (the CLI starts it so), the rest of that group.
+
+    The group catches what the descendants miss: a Ray worker that raylet forks while the
+    others are being ended, orphaned to init when raylet goes, is no one's child any more but
+    still in this group. Nothing outside it is touched (a ``ray start`` cluster has its own).
+    """
+    me = os.getpid()
+    found = {p.pid: p for p in psutil.Process(me).children(recursive=True)}
+    if os.getpgid(0) == me:
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if proc.pid != me and proc.pid not in found and os.getpgid(proc.pid) == me:
+                    found[proc.pid] = proc
+    alive = []
+    for proc in found.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
+
+
+def end_descendants(grace: float = 5.0, rounds: int = 5) -> None:
+    """Terminate, then kill, every process this one started (the Ray daemons and workers).
+
+    Listed again after each pass, up to ``rounds`` passes: Ray may start a worker while the
+    others are ending, and one pass would leave it running.
+    """
+    for _ in range(rounds):
+        procs = started_processes()
+        if not procs:
+            return
+        # a process may exit between the listing and its signal: it has nothing left to end
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=grace)
+    log.warning("processes still running after %d passes: %s", rounds, [p.pid for p in started_processes()])
 
 
 class Watchdog(threading.Thread):

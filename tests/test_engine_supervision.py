@@ -57,6 +57,34 @@ def _rounds_done(out: Path) -> int:
     return len(progress.read_text().splitlines()) if progress.exists() else 0
 
 
+ORPHAN = """
+import subprocess, sys, time
+from stamen.simulations.engine import end_descendants, started_processes
+# A child that starts a grandchild and exits: the grandchild is re-parented to init, no
+# descendant any more, yet in this process group (as a Ray worker forked while raylet ends).
+sleeper = "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+sleeper += "stdout=subprocess.DEVNULL).pid)"
+subprocess.run([sys.executable, "-c", sleeper])
+time.sleep(0.5)
+found = started_processes()
+end_descendants(grace=2.0)
+print(len(found), len(started_processes()))
+"""
+
+
+def test_ending_the_engine_also_ends_an_orphan_left_in_its_process_group() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", ORPHAN], capture_output=True, text=True, timeout=120, start_new_session=True
+    )
+    assert out.returncode == 0, out.stderr
+    orphan, counts = out.stdout.split("\n")[:2]
+    pid = int(orphan)
+    left = _alive([psutil.Process(pid)]) if psutil.pid_exists(pid) else []
+    for proc in left:  # only when the test fails: the sleeper it started
+        proc.kill()
+    assert counts == "1 0" and left == [], f"the orphan {pid} still ran: {out.stdout}"
+
+
 @pytest.mark.slow
 def test_killing_the_cli_leaves_no_process_of_the_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -81,6 +109,10 @@ def test_killing_the_cli_leaves_no_process_of_the_run(tmp_path: Path) -> None:
             proc.kill()
 
 
+# Long enough for a machine three times slower than idle to start Ray and end round 1 (idle: ~10 s).
+TIMEOUT = 40.0
+
+
 @pytest.mark.slow
 def test_the_engine_stops_at_its_own_timeout_without_the_cli(tmp_path: Path) -> None:
     plan = plan_simulation(
@@ -88,7 +120,7 @@ def test_the_engine_stops_at_its_own_timeout_without_the_cli(tmp_path: Path) -> 
     )
     plan.out_dir.mkdir(parents=True)
     spec_path = plan.out_dir / "simulation.json"
-    spec_path.write_text(json.dumps(engine_spec(plan, timeout=25.0, stop_grace=400.0)))
+    spec_path.write_text(json.dumps(engine_spec(plan, timeout=TIMEOUT, stop_grace=400.0)))
     started = time.monotonic()
     engine = subprocess.Popen(  # no CLI and no timer around it: the engine alone
         [sys.executable, "-m", "stamen.simulations.engine", str(spec_path)],
@@ -103,7 +135,7 @@ def test_the_engine_stops_at_its_own_timeout_without_the_cli(tmp_path: Path) -> 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(engine.pid, signal.SIGKILL)
-    assert rc == 124 and seconds < 25 + 400 + 60  # timeout + grace (a loaded machine's first round) + exit
+    assert rc == 124 and seconds < TIMEOUT + 400 + 60  # timeout + grace (a loaded machine's first round) + exit
     summary = json.loads((plan.out_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and 1 <= len(summary["history"]) < 200
     assert left == [], "nothing of the engine's process group is left"

@@ -70,7 +70,7 @@ def test_a_silent_node_is_named_when_the_deadline_passes(serverapp_identity: Non
     elapsed = time.monotonic() - t0
     assert sorted(r.metadata.src_node_id for r in got.replies) == [1, 3]
     assert got.silent == [2]
-    assert 0.5 <= elapsed < 2.0
+    assert 0.5 <= elapsed < 10.0  # at the deadline, not at the 30 s ttl (slack for a loaded machine)
 
 
 def test_wait_for_nodes_returns_once_enough_are_connected() -> None:
