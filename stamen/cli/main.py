@@ -289,6 +289,29 @@ def bench(
         raise typer.Exit(1)
 
 
+@app.command("bench-table")
+@clean_errors
+def bench_table(
+    readme: Annotated[Path, typer.Option(help="the README to write the table into")] = Path("README.md"),
+    docs: Annotated[Path, typer.Option(help="where the committed bench-*/bench.json results lie")] = Path("docs"),
+    check: Annotated[bool, typer.Option(help="write nothing; exit 1 if the README's table is not current")] = False,
+) -> None:
+    """The README's benchmark table, from the full runs committed under docs/ (latest per scenario)."""
+    from stamen.simulations.bench.report import committed_runs, readme_table, with_table
+
+    if not readme.is_file():
+        raise StamenError(f"--readme {readme} does not exist")
+    text = readme.read_text()
+    new = with_table(text, readme_table(committed_runs(docs), readme.resolve().parent))
+    if check:
+        if new != text:
+            typer.echo(f"{readme}: the benchmark table is not current; run `stamen bench-table`", err=True)
+            raise typer.Exit(1)
+        return
+    readme.write_text(new)
+    typer.echo(f"stamen bench-table: {readme} written from {docs}/bench-*/bench.json")
+
+
 @app.command()
 @clean_errors
 def audit(
