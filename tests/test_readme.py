@@ -69,5 +69,5 @@ def test_the_table_takes_each_scenarios_latest_full_run_and_says_where_it_lies(t
         with_table("a README without the markers", table)
     (docs / "bench-c").mkdir()
     (docs / "bench-c" / "bench.json").write_text("{not json")
-    with pytest.raises(StamenError, match=r"bench-c/bench\.json: not a readable bench\.json"):
+    with pytest.raises(StamenError, match=r"bench-c/bench\.json is not valid JSON"):
         committed_runs(docs)

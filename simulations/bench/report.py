@@ -43,6 +43,19 @@ def markdown(entries: list[dict[str, Any]]) -> str:
     return "\n".join([head, "", *rows, "", *lines, ""])
 
 
+def load_bench(path: Path) -> list[dict[str, Any]]:
+    """The entries already in ``bench.json`` (none if it does not exist)."""
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StamenError(f"{path} is not valid JSON ({exc}); move it away or choose another --out") from None
+    if not isinstance(entries, list):
+        raise StamenError(f"{path} is not a bench.json (expected a JSON list of scenario results)")
+    return entries
+
+
 #: The README's generated benchmark table sits between these two lines.
 TABLE_START = "<!-- bench-table: written by `stamen bench-table` from docs/bench-*/bench.json; do not edit by hand -->"
 TABLE_END = "<!-- /bench-table -->"
@@ -52,13 +65,7 @@ def committed_runs(docs: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every full (not ``--quick``) scenario result in ``docs/bench-*/bench.json``, with its file."""
     runs = []
     for path in sorted(docs.glob("bench-*/bench.json")):
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise StamenError(f"{path}: not a readable bench.json ({exc})") from None
-        if not isinstance(entries, list):
-            raise StamenError(f"{path}: expected a list of scenario results, got {type(entries).__name__}")
-        runs += [(path, e) for e in entries if not e.get("quick") and "error" not in e]
+        runs += [(path, e) for e in load_bench(path) if not e.get("quick") and "error" not in e]
     return runs
 
 

@@ -11,7 +11,6 @@ latest result of each scenario as a table of measured figures next to their goal
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import time
 import traceback
@@ -25,7 +24,7 @@ from stamen.common.errors import StamenError
 from stamen.common.state import atomic_write_bytes, atomic_write_json
 from stamen.common.state import finite_or_none as finite
 from stamen.simulations.bench.machine import LoadSampler, machine_info
-from stamen.simulations.bench.report import markdown
+from stamen.simulations.bench.report import load_bench, markdown
 from stamen.simulations.bench.runs import ABORT
 
 #: name -> module, in the order a full run takes them.
@@ -98,19 +97,6 @@ class Context:
 
     def plot_path(self, suffix: str = "") -> Path:
         return self.out / f"{self.name}{'-' + suffix if suffix else ''}.png"
-
-
-def load_bench(path: Path) -> list[dict[str, Any]]:
-    """The entries already in ``bench.json`` (none if it does not exist)."""
-    if not path.exists():
-        return []
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StamenError(f"{path} is not valid JSON ({exc}); move it away or choose another --out") from None
-    if not isinstance(entries, list):
-        raise StamenError(f"{path} is not a bench.json (expected a JSON list of scenario results)")
-    return entries
 
 
 def resolve(names: list[str]) -> list[str]:
