@@ -5,10 +5,11 @@ SuperLink (``stamen superlink``: TLS with a fresh development CA, SuperNode auth
 a database file), three sites (``stamen node``: each with its own key, a watched data
 directory holding an npz shard and a private state directory, DP-SGD with a privacy ledger),
 ``flwr run`` of 8 rounds with a per-round reply deadline. In round 2 one site's
-``flower-supernode`` gets ``kill -9`` while it trains; the deadline ends rounds 2 and 3 with the two
+``flower-supernode`` gets ``kill -9`` while it trains; the deadline ends round 2 with the two
 others (Flower itself would notice the dead node only after its heartbeat timeout, about a
-minute). The site is started again with the same state directory before round 4, takes part
-in a later round, and its epsilon continues from its ledger. A node whose key was never
+minute). The site is started again with the same state directory as round 3 begins; its key
+keeps its node id, so it may still catch round 3's instruction before the deadline, and it takes
+part in a later round with its epsilon continuing from its ledger. A node whose key was never
 registered is refused by the SuperLink.
 
 Run alone with ``pytest -m deployment``.
@@ -107,7 +108,7 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
         assert read_progress(out)[-1]["round"] == 1, "the kill was meant for round 2"
         assert victim.popen.wait(timeout=120) != 0, "stamen node should end with its SuperNode"
 
-        # Same state directory, started again before round 4 (during round 2 or 3).
+        # Same state directory, started again before round 4 (as round 3 begins).
         _wait("round 2 to complete", lambda: len(read_progress(out)) >= 2, RUN_TIMEOUT, fed)
         assert len(read_progress(out)) < 4
         restarted = fed.start_node(VICTIM, name=f"{VICTIM}-restarted", privacy=own)
@@ -127,11 +128,15 @@ def test_deployed_run_survives_a_killed_node_and_refuses_an_unregistered_one(tmp
     # `flwr run` exits 0 even when the ServerApp dies: the run's own summary is the proof.
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["status"], summary["rounds_completed"]) == ("completed", ROUNDS), context
-    # Rounds 2 and 3 completed with the other two sites; the silent one is counted as failed.
+    # Round 2 completed with the other two sites and counted the silent one as failed.
+    assert (history[1]["replied"], history[1]["failed"]) == (2, 1), context
+    # Round 3's instruction waited for the victim's node id, which its restart keeps: whether
+    # the restarted node answers it before the deadline depends on how fast it comes up, so
+    # both outcomes are right, but every sampled site is accounted for and the round ends.
+    assert history[2]["replied"] >= 2 and history[2]["replied"] + history[2]["failed"] == 3, context
     for row in history[1:3]:
-        assert row["replied"] == 2 and row["updated"], context
+        assert row["updated"], context
         assert row["seconds"] < DEADLINE + 30, f"round {row['round']} outlasted its deadline: {context}"
-    assert history[1]["failed"] == 1, context
     assert history[0]["replied"] == 3, context
     # The restarted site took part again in a later round, its epsilon continuing from its ledger.
     assert participation["last_round"] >= 4, participation
