@@ -189,3 +189,8 @@ def test_a_serverapp_without_data_runs_a_federation_of_two_nodes_on_one_host(tmp
     # each SuperNode serves its Runtime API on the free port its `stamen node` chose for it
     ports = {m for log in node_logs for m in re.findall(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log)}
     assert len(ports) == 2, node_logs
+    # ... and `stamen node`'s own lines are in its log: the port it chose, its policy, each task it ran
+    for site_id, log in zip(SITES[:2], node_logs, strict=True):
+        assert f"site {site_id}: SuperNode Runtime API on 127.0.0.1:" in log, log[-3000:]
+        assert f"site {site_id} privacy policy:" in log, log[-3000:]
+        assert len(re.findall(r"train task \(round \d+\) done in", log)) == rounds, log[-3000:]

@@ -223,6 +223,23 @@ def test_stamen_node_logs_its_privacy_policy_at_start(
     assert "delta <= 1e-05" in line and "strict default" in line
 
 
+def test_a_daemons_info_lines_reach_stderr_after_opacus_configured_the_root_logger() -> None:
+    """Opacus calls ``basicConfig`` when imported, and a node's policy check imports it before
+    ``stamen node`` sets up its log: the node's own INFO lines must still be written."""
+    code = (
+        "import logging, opacus.utils.module_utils\n"
+        "from stamen.cli.deploy import log_to_stderr\n"
+        "log_to_stderr()\n"
+        "logging.getLogger('stamen.node').info('site site-a: up')\n"
+        "logging.getLogger('httpx').info('one line per poll')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "STAMEN_LOG_LEVEL": "INFO"})  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "INFO:stamen.node:site site-a: up" in res.stderr.splitlines(), res.stderr
+    assert "one line per poll" not in res.stderr
+
+
 def test_a_node_without_a_runtime_port_takes_a_free_one_and_a_taken_one_names_the_option() -> None:
     """Two nodes on one host: the second no longer meets Flower's 401 from the first one's port."""
     first, second = pick_runtime_port(0), pick_runtime_port(0)

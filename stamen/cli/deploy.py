@@ -109,14 +109,22 @@ def node(
     if dry_run:
         typer.echo(" ".join(supernode_command(settings, None)))
         return
-    logging.basicConfig(
-        level=os.environ.get("STAMEN_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr("%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.Formatter.converter = time.gmtime  # UTC, as the SuperNode's relayed lines
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     code = run_node(settings)
     if code:
         raise typer.Exit(code)
+
+
+def log_to_stderr(fmt: str = logging.BASIC_FORMAT) -> None:
+    """A daemon's own log lines to stderr, at ``STAMEN_LOG_LEVEL`` (INFO).
+
+    ``force``: Opacus configures the root logger when it is imported (``opacus.utils.module_utils``
+    calls ``basicConfig`` at WARNING), and checking a site's policy imports it first; without
+    ``force`` our call would do nothing and every INFO line of the node would be lost.
+    """
+    logging.basicConfig(level=os.environ.get("STAMEN_LOG_LEVEL", "INFO"), format=fmt, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
 
 
 def ack_ledger(action: str, state_dir: Path, site_id: str, reason: str) -> None:
@@ -188,8 +196,7 @@ def superlink(
     typer.echo(" ".join(cmd), err=True)
     typer.echo(f"Fleet API on {host}:{port}; Control and ServerAppIo on 127.0.0.1:{control_port} only", err=True)
     if not dry_run:
-        logging.basicConfig(level=os.environ.get("STAMEN_LOG_LEVEL", "INFO"))
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # the proxy's upstream calls, one per poll
+        log_to_stderr()
         code = run_superlink(settings, cmd)
         if code:
             raise typer.Exit(code)
