@@ -147,6 +147,14 @@ def server_update(
     return optimizer.step(current, aggregate, server_round)
 
 
+def scores_text(row: dict[str, Any]) -> str:
+    """A round's log text for its scores: NaN means "not measured", so say that instead."""
+    acc, loss = row.get("accuracy", math.nan), row.get("loss", math.nan)
+    if not (math.isfinite(acc) or math.isfinite(loss)):
+        return "not evaluated"
+    return f"accuracy {acc:.4f} loss {loss:.4f}"
+
+
 def _weighted(replies: list[SiteReply], key: str) -> float:
     """Example-weighted mean of an optional metric over the replies that sent it (NaN if none did)."""
     sent = [r for r in replies if key in r.metrics]
@@ -421,12 +429,7 @@ class Federation(ContinualRun):
             if self.on_round:
                 self.on_round(row)
             log.info(
-                "round %d: accuracy %.4f loss %.4f, model version %d (%.1fs)",
-                server_round,
-                row["accuracy"],
-                row["loss"],
-                self.version,
-                row["seconds"],
+                "round %d: %s, model version %d (%.1fs)", server_round, scores_text(row), self.version, row["seconds"]
             )
             if stopping:
                 log.warning("stopped after round %d (%s); continue with resume-from", server_round, stop_reason())

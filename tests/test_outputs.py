@@ -21,6 +21,7 @@ from stamen.common.errors import ConfigError
 from stamen.common.state import atomic_write_json
 from stamen.server.evaluate import load_server_data, why_no_accuracy
 from stamen.server.exporter import Exporter, metrics_url
+from stamen.server.loop import scores_text
 from stamen.server.outputs import RunOutputs
 from stamen.simulations.bench.loopback import free_port
 
@@ -111,9 +112,17 @@ def test_a_dp_run_on_data_without_a_test_split_says_why_it_has_no_accuracy(tmp_p
     assert "has no test split" in reason and "dp-public-stats" in reason and "x_test" in reason
     assert "final accuracy n/a" in result.stdout and reason in " ".join(result.stdout.split())
     assert "nan" not in result.stdout.lower()
+    log = (out / "simulation.log").read_text()
+    assert "round 2: not evaluated, model version 2" in log and "accuracy nan" not in log
     strict_load(out / "config.json")
     for line in (out / "progress.jsonl").read_text().splitlines():
         assert json.loads(line, parse_constant=_refuse)["accuracy"] is None
+
+
+def test_a_rounds_log_line_says_not_evaluated_instead_of_nan_scores() -> None:
+    assert scores_text({"accuracy": math.nan, "loss": math.nan}) == "not evaluated"
+    assert scores_text({}) == "not evaluated"
+    assert scores_text({"accuracy": 0.91234, "loss": 0.25}) == "accuracy 0.9123 loss 0.2500"
 
 
 def test_the_reason_for_no_accuracy_names_what_is_missing() -> None:
