@@ -19,17 +19,15 @@ def _store(tmp_path: Path) -> SiteStore:
     return SiteStore(tmp_path / "sites", "site-a")
 
 
+def _release(
+    store: SiteStore, ledger: PrivacyLedger, key: str, exact: np.ndarray, y: torch.Tensor, seed: int
+) -> np.ndarray:
+    return released(store, key=key, fingerprint=fingerprint(y), exact=exact, l2_sensitivity=1.0, ledger=ledger,
+                    noise_multiplier=SIGMA, seed=seed)  # fmt: skip
+
+
 def _histogram(store: SiteStore, ledger: PrivacyLedger, y: torch.Tensor, seed: int) -> np.ndarray:
-    return released(
-        store,
-        key="label-histogram",
-        fingerprint=fingerprint(y),
-        exact=np.bincount(y.numpy(), minlength=3).astype(np.float64),
-        l2_sensitivity=1.0,
-        ledger=ledger,
-        noise_multiplier=SIGMA,
-        seed=seed,
-    )
+    return _release(store, ledger, "label-histogram", np.bincount(y.numpy(), minlength=3).astype(np.float64), y, seed)
 
 
 def test_the_count_and_the_histogram_draw_independent_noise(tmp_path: Path) -> None:
@@ -38,16 +36,7 @@ def test_the_count_and_the_histogram_draw_independent_noise(tmp_path: Path) -> N
     for seed in range(5):
         store = _store(tmp_path / str(seed))
         ledger = PrivacyLedger.load(store)
-        count_noise = released(
-            store,
-            key="num-examples",
-            fingerprint=fingerprint(y),
-            exact=np.array([len(y)]),
-            l2_sensitivity=1.0,
-            ledger=ledger,
-            noise_multiplier=SIGMA,
-            seed=seed,
-        )[0] - len(y)
+        count_noise = _release(store, ledger, "num-examples", np.array([len(y)]), y, seed)[0] - len(y)
         bin0_noise = _histogram(store, ledger, y, seed)[0] - 40
         assert abs(count_noise - bin0_noise) > 1e-6, (seed, count_noise, bin0_noise)
         assert len(ledger.releases) == 2
